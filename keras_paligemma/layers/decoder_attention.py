@@ -1,0 +1,152 @@
+"""Gemma / Gemma 2 grouped-query self-attention with a KV cache."""
+
+import keras
+from keras import ops
+
+from keras_paligemma.layers.rotary import apply_rotary_embedding
+
+
+class DecoderAttention(keras.layers.Layer):
+    """Grouped-query attention with RoPE, optional soft-cap and a KV cache.
+
+    Queries are rotated, then scaled by `query_pre_attn_scalar ** -0.5`
+    (Gemma 1 and Gemma 2 2B/9B use `head_dim`; Gemma 2 27B uses
+    `hidden_dim / num_query_heads`). Scores and softmax run in float32.
+
+    Args:
+        num_query_heads: number of query heads.
+        num_key_value_heads: number of key/value heads (divides the query
+            heads; 1 is multi-query attention).
+        head_dim: width of each head.
+        query_pre_attn_scalar: queries are multiplied by its inverse square
+            root.
+        attention_logit_softcap: `None`, or `c` to squash scores with
+            `c * tanh(scores / c)` (Gemma 2 uses 50).
+        rope_max_wavelength: RoPE base.
+
+    Call arguments:
+        x: `(batch, length, hidden)` inputs.
+        attention_mask: bool `(batch, length, keys)`, keys being the cache
+            slots when a cache is given, else the inputs.
+        positions: int `(batch, length)` positions of the inputs.
+        cache: optional `(batch, 2, cache_length, kv_heads, head_dim)`;
+            keys and values of the inputs are written at
+            `cache_update_index` and attention runs over the whole cache.
+        cache_update_index: where the inputs go in the cache.
+
+    Returns:
+        `outputs`, or `(outputs, updated_cache)` when a cache is given.
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar,
+        attention_logit_softcap=None,
+        rope_max_wavelength=10000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                "`num_query_heads` must be a multiple of `num_key_value_heads`"
+                f"; got {num_query_heads} and {num_key_value_heads}."
+            )
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attention_logit_softcap = attention_logit_softcap
+        self.rope_max_wavelength = rope_max_wavelength
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        common = dict(dtype=self.dtype_policy)
+        self.query_dense = keras.layers.EinsumDense(
+            "btd,dnh->btnh",
+            output_shape=(None, self.num_query_heads, self.head_dim),
+            name="query",
+            **common,
+        )
+        self.key_dense = keras.layers.EinsumDense(
+            "btd,dnh->btnh",
+            output_shape=(None, self.num_key_value_heads, self.head_dim),
+            name="key",
+            **common,
+        )
+        self.value_dense = keras.layers.EinsumDense(
+            "btd,dnh->btnh",
+            output_shape=(None, self.num_key_value_heads, self.head_dim),
+            name="value",
+            **common,
+        )
+        self.output_dense = keras.layers.EinsumDense(
+            "btnh,nhd->btd",
+            output_shape=(None, hidden_dim),
+            name="attention_output",
+            **common,
+        )
+        self.query_dense.build(input_shape)
+        self.key_dense.build(input_shape)
+        self.value_dense.build(input_shape)
+        self.output_dense.build(
+            (None, None, self.num_query_heads, self.head_dim)
+        )
+
+    def call(
+        self, x, attention_mask, positions, cache=None, cache_update_index=0
+    ):
+        query = self.query_dense(x)
+        key = self.key_dense(x)
+        value = self.value_dense(x)
+        query = apply_rotary_embedding(
+            query, positions, self.rope_max_wavelength
+        )
+        key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
+        if cache is not None:
+            start = [0, cache_update_index, 0, 0]
+            key = ops.slice_update(cache[:, 0, ...], start, key)
+            value = ops.slice_update(cache[:, 1, ...], start, value)
+            cache = ops.stack([key, value], axis=1)
+        outputs = self._attend(query, key, value, attention_mask)
+        outputs = self.output_dense(outputs)
+        if cache is None:
+            return outputs
+        return outputs, cache
+
+    def _attend(self, query, key, value, attention_mask):
+        batch, length = ops.shape(query)[0], ops.shape(query)[1]
+        groups = self.num_query_heads // self.num_key_value_heads
+        query = ops.cast(query, "float32") * (
+            self.query_pre_attn_scalar**-0.5
+        )
+        query = ops.reshape(
+            query,
+            (batch, length, self.num_key_value_heads, groups, self.head_dim),
+        )
+        scores = ops.einsum(
+            "bqkgh,bskh->bkgqs", query, ops.cast(key, "float32")
+        )
+        if self.attention_logit_softcap:
+            cap = self.attention_logit_softcap
+            scores = ops.tanh(scores / cap) * cap
+        mask = attention_mask[:, None, None, :, :]
+        scores = ops.where(mask, scores, -1e30)
+        weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+        outputs = ops.einsum("bkgqs,bskh->bqkgh", weights, value)
+        return ops.reshape(
+            outputs, (batch, length, self.num_query_heads, self.head_dim)
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attention_logit_softcap": self.attention_logit_softcap,
+            "rope_max_wavelength": self.rope_max_wavelength,
+        }

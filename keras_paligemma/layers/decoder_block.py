@@ -1,0 +1,132 @@
+"""One Gemma / Gemma 2 decoder block: pre-norm attention and GeGLU FFW."""
+
+import keras
+
+from keras_paligemma.layers.decoder_attention import DecoderAttention
+from keras_paligemma.layers.rms_norm import RMSNormalization
+
+
+class DecoderBlock(keras.layers.Layer):
+    """A residual decoder block of Gemma (PaliGemma 1) or Gemma 2.
+
+    `x + attention(norm(x))`, then `x + ffw(norm(x))` with the GeGLU
+    feed-forward `down(gelu_tanh(gate(h)) * up(h))`. Gemma 2 adds an
+    RMSNorm on each branch output before the residual add
+    (`use_post_norms=True`).
+
+    Args:
+        hidden_dim: model width.
+        intermediate_dim: FFW hidden width (the width of `gate` and of `up`,
+            as in HF's `intermediate_size`).
+        num_query_heads, num_key_value_heads, head_dim,
+        query_pre_attn_scalar, attention_logit_softcap: see
+            `DecoderAttention`.
+        use_post_norms: Gemma 2's post-attention and post-FFW norms.
+        layer_norm_epsilon: RMSNorm epsilon.
+
+    Call arguments: as `DecoderAttention`, with `x` of width `hidden_dim`.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar,
+        attention_logit_softcap=None,
+        use_post_norms=False,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attention_logit_softcap = attention_logit_softcap
+        self.use_post_norms = use_post_norms
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+        def norm(name):
+            return RMSNormalization(
+                epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name=name
+            )
+
+        def dense(equation, output_shape, name):
+            return keras.layers.EinsumDense(
+                equation, output_shape, dtype=self.dtype_policy, name=name
+            )
+
+        self.pre_attention_norm = norm("pre_attention_norm")
+        self.attention = DecoderAttention(
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=query_pre_attn_scalar,
+            attention_logit_softcap=attention_logit_softcap,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.pre_ffw_norm = norm("pre_ffw_norm")
+        self.gate_dense = dense("btd,df->btf", (None, intermediate_dim), "gate")
+        self.up_dense = dense("btd,df->btf", (None, intermediate_dim), "up")
+        self.down_dense = dense("btf,fd->btd", (None, hidden_dim), "down")
+        if use_post_norms:
+            self.post_attention_norm = norm("post_attention_norm")
+            self.post_ffw_norm = norm("post_ffw_norm")
+
+    def build(self, input_shape):
+        ffw_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)
+        self.pre_attention_norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.pre_ffw_norm.build(input_shape)
+        self.gate_dense.build(input_shape)
+        self.up_dense.build(input_shape)
+        self.down_dense.build(ffw_shape)
+        if self.use_post_norms:
+            self.post_attention_norm.build(input_shape)
+            self.post_ffw_norm.build(input_shape)
+
+    def call(
+        self, x, attention_mask, positions, cache=None, cache_update_index=0
+    ):
+        attended = self.attention(
+            self.pre_attention_norm(x),
+            attention_mask=attention_mask,
+            positions=positions,
+            cache=cache,
+            cache_update_index=cache_update_index,
+        )
+        if cache is not None:
+            attended, cache = attended
+        if self.use_post_norms:
+            attended = self.post_attention_norm(attended)
+        x = x + attended
+
+        h = self.pre_ffw_norm(x)
+        gate = keras.activations.gelu(self.gate_dense(h), approximate=True)
+        ffw = self.down_dense(gate * self.up_dense(h))
+        if self.use_post_norms:
+            ffw = self.post_ffw_norm(ffw)
+        x = x + ffw
+        if cache is None:
+            return x
+        return x, cache
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attention_logit_softcap": self.attention_logit_softcap,
+            "use_post_norms": self.use_post_norms,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }

@@ -1,0 +1,305 @@
+"""PaliGemmaBackbone: SigLIP encoder + projector + Gemma / Gemma 2 decoder."""
+
+import keras
+import keras_hub
+from keras import ops
+
+from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
+from keras_paligemma.layers.decoder_block import DecoderBlock
+from keras_paligemma.layers.rms_norm import RMSNormalization
+from keras_paligemma.layers.vision_encoder import VisionEncoder
+
+
+@keras.saving.register_keras_serializable(package="keras_paligemma")
+class PaliGemmaBackbone(keras_hub.models.Backbone):
+    """The PaliGemma (1 and 2) network, from pixels and tokens to hidden states.
+
+    The image is encoded into `num_image_tokens` embeddings, which are put
+    before the text embeddings (scaled by `sqrt(hidden_dim)`); the decoder
+    runs with the prefix-LM mask (full attention over image and prompt,
+    causal over the response); the output is the final-normed hidden state
+    of the *text* positions, `(batch, text_length, hidden_dim)`.
+
+    PaliGemma 1 uses a Gemma decoder (the defaults); PaliGemma 2 a Gemma 2
+    decoder: `use_post_norms=True`, `attention_logit_softcap=50`,
+    `final_logit_softcap=30`, `query_pre_attn_scalar` from the model size,
+    and optionally `sliding_window` on even layers.
+
+    Args:
+        vocabulary_size: tokens in the vocabulary (257,152 for PaliGemma).
+        image_size: side of the square input image (224, 448 or 896).
+        num_layers: decoder blocks.
+        num_query_heads: decoder query heads.
+        num_key_value_heads: decoder key/value heads.
+        hidden_dim: decoder width.
+        ffw_hidden_dim: width of each of the gate and up projections of the
+            GeGLU feed-forward (HF's `intermediate_size`; keras-hub's
+            `intermediate_dim` is twice this).
+        head_dim: decoder head width.
+        vit_patch_size, vit_num_heads, vit_hidden_dim, vit_num_layers,
+        vit_intermediate_dim: SigLIP sizes (So400m/14 by default).
+        query_pre_attn_scalar: queries are scaled by its inverse square
+            root; defaults to `head_dim`.
+        use_post_norms: Gemma 2's post-attention and post-FFW RMSNorms.
+        attention_logit_softcap: `None` or the attention score soft-cap.
+        final_logit_softcap: `None` or the output logit soft-cap.
+        sliding_window: `None` (full attention everywhere, as PaliGemma 2
+            was trained) or a window size applied to layers 0, 2, 4, ...
+            (HF transformers uses 4096).
+        layer_norm_epsilon: RMSNorm epsilon of the decoder.
+        rope_max_wavelength: RoPE base.
+        dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`,
+            `"mixed_bfloat16"`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = PaliGemmaBackbone(
+    ...     vocabulary_size=64, image_size=28, num_layers=2,
+    ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+    ...     ffw_hidden_dim=32, head_dim=8, vit_num_heads=2,
+    ...     vit_hidden_dim=16, vit_num_layers=1, vit_intermediate_dim=32)
+    >>> hidden = backbone({
+    ...     "images": np.zeros((1, 28, 28, 3)),
+    ...     "token_ids": np.array([[2, 7, 8, 1]]),
+    ...     "padding_mask": np.array([[1, 1, 1, 1]]),
+    ...     "response_mask": np.array([[0, 0, 1, 1]])})
+    >>> tuple(hidden.shape)
+    (1, 4, 16)
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        image_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        ffw_hidden_dim,
+        head_dim,
+        vit_patch_size=14,
+        vit_num_heads=16,
+        vit_hidden_dim=1152,
+        vit_num_layers=27,
+        vit_intermediate_dim=4304,
+        query_pre_attn_scalar=None,
+        use_post_norms=False,
+        attention_logit_softcap=None,
+        final_logit_softcap=None,
+        sliding_window=None,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10000,
+        dtype=None,
+        **kwargs,
+    ):
+        if query_pre_attn_scalar is None:
+            query_pre_attn_scalar = head_dim
+        # === Layers ===
+        self.vision_encoder = VisionEncoder(
+            image_size=image_size,
+            patch_size=vit_patch_size,
+            hidden_dim=vit_hidden_dim,
+            intermediate_dim=vit_intermediate_dim,
+            num_heads=vit_num_heads,
+            num_layers=vit_num_layers,
+            output_dim=hidden_dim,
+            dtype=dtype,
+            name="vision_encoder",
+        )
+        self.token_embedding = keras.layers.ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            logit_soft_cap=final_logit_softcap,
+            embeddings_initializer=keras.initializers.RandomNormal(
+                stddev=hidden_dim**-0.5
+            ),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.decoder_blocks = [
+            DecoderBlock(
+                hidden_dim=hidden_dim,
+                intermediate_dim=ffw_hidden_dim,
+                num_query_heads=num_query_heads,
+                num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim,
+                query_pre_attn_scalar=query_pre_attn_scalar,
+                attention_logit_softcap=attention_logit_softcap,
+                use_post_norms=use_post_norms,
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=dtype,
+                name=f"decoder_block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = RMSNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
+        )
+        self.sliding_window = sliding_window
+        self.num_image_tokens = self.vision_encoder.num_patches
+
+        # === Functional model ===
+        images = keras.Input((image_size, image_size, 3), name="images")
+        token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
+        response_mask = keras.Input(
+            (None,), dtype="int32", name="response_mask"
+        )
+        valid, response, positions = self.sequence_layout(
+            padding_mask, response_mask
+        )
+        x = ops.concatenate(
+            [self.vision_encoder(images), self.embed_tokens(token_ids)],
+            axis=1,
+        )
+        x = self.decode(x, valid, response, positions)
+        super().__init__(
+            inputs={
+                "images": images,
+                "token_ids": token_ids,
+                "padding_mask": padding_mask,
+                "response_mask": response_mask,
+            },
+            outputs=x[:, self.num_image_tokens :, :],
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.image_size = image_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_dim = hidden_dim
+        self.ffw_hidden_dim = ffw_hidden_dim
+        self.head_dim = head_dim
+        self.vit_patch_size = vit_patch_size
+        self.vit_num_heads = vit_num_heads
+        self.vit_hidden_dim = vit_hidden_dim
+        self.vit_num_layers = vit_num_layers
+        self.vit_intermediate_dim = vit_intermediate_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.use_post_norms = use_post_norms
+        self.attention_logit_softcap = attention_logit_softcap
+        self.final_logit_softcap = final_logit_softcap
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+
+    def sequence_layout(self, padding_mask, response_mask):
+        """Per-token `valid`, `response` and `positions` of image + text.
+
+        Image tokens are always valid and belong to the prefix; positions
+        count the valid tokens before each token, so padding anywhere in
+        the text leaves the positions of real tokens unchanged.
+        """
+        padding_mask = ops.cast(padding_mask, "bool")
+        image_valid = ops.repeat(
+            ops.ones_like(padding_mask[:, :1]), self.num_image_tokens, axis=1
+        )
+        valid = ops.concatenate([image_valid, padding_mask], axis=1)
+        response = ops.concatenate(
+            [
+                ops.zeros_like(image_valid),
+                ops.cast(response_mask, "bool"),
+            ],
+            axis=1,
+        )
+        positions = ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1
+        return valid, response, positions
+
+    def embed_tokens(self, token_ids):
+        """Text embeddings, scaled by `sqrt(hidden_dim)` as in Gemma."""
+        x = self.token_embedding(token_ids)
+        return x * ops.cast(self.token_embedding.output_dim**0.5, x.dtype)
+
+    def decode(
+        self,
+        x,
+        valid,
+        response,
+        positions,
+        cache=None,
+        cache_update_index=0,
+    ):
+        """Run the decoder blocks and the final norm over embeddings `x`.
+
+        `valid`, `response` and `positions` describe every key: the whole
+        sequence (then `x` holds every token), or every cache slot when
+        `cache` is given (then the queries `x` sit at `cache_update_index`
+        among them).
+
+        Args:
+            x: `(batch, queries, hidden_dim)` embeddings.
+            valid, response, positions: `(batch, keys)`, see
+                `prefix_lm_attention_mask`.
+            cache: `None`, or `(batch, num_layers, 2, keys, kv_heads,
+                head_dim)` keys and values.
+            cache_update_index: index of the first query among the keys.
+
+        Returns:
+            The hidden states, or `(hidden_states, cache)` with a cache.
+        """
+        if cache is None:
+            query_length, query_positions = None, positions
+        else:
+            query_length = ops.shape(x)[1]
+            query_positions = ops.slice(
+                positions,
+                [0, cache_update_index],
+                [ops.shape(x)[0], query_length],
+            )
+        masks = {}
+        for window in {None, self.sliding_window}:
+            masks[window] = prefix_lm_attention_mask(
+                valid,
+                response,
+                positions,
+                query_start=cache_update_index,
+                query_length=query_length,
+                sliding_window=window,
+            )
+        new_caches = []
+        for i, block in enumerate(self.decoder_blocks):
+            mask = masks[self.sliding_window if i % 2 == 0 else None]
+            if cache is None:
+                x = block(x, mask, query_positions)
+            else:
+                x, layer_cache = block(
+                    x, mask, query_positions, cache[:, i], cache_update_index
+                )
+                new_caches.append(layer_cache)
+        x = self.final_norm(x)
+        if cache is None:
+            return x
+        return x, ops.stack(new_caches, axis=1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "image_size": self.image_size,
+                "num_layers": self.num_layers,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "hidden_dim": self.hidden_dim,
+                "ffw_hidden_dim": self.ffw_hidden_dim,
+                "head_dim": self.head_dim,
+                "vit_patch_size": self.vit_patch_size,
+                "vit_num_heads": self.vit_num_heads,
+                "vit_hidden_dim": self.vit_hidden_dim,
+                "vit_num_layers": self.vit_num_layers,
+                "vit_intermediate_dim": self.vit_intermediate_dim,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "use_post_norms": self.use_post_norms,
+                "attention_logit_softcap": self.attention_logit_softcap,
+                "final_logit_softcap": self.final_logit_softcap,
+                "sliding_window": self.sliding_window,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "rope_max_wavelength": self.rope_max_wavelength,
+            }
+        )
+        return config

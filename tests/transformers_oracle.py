@@ -1,0 +1,130 @@
+"""Tiny random HF transformers PaliGemma models: the numerical oracle.
+
+Builds `PaliGemmaForConditionalGeneration` (Gemma or Gemma 2 decoder) with
+random weights, eager float32 attention and randomised norm scales, and
+runs it on the same inputs our models get.
+"""
+
+import numpy as np
+import torch
+import transformers
+
+IMAGE_SIZE = 28
+VOCABULARY_SIZE = 1200
+# Outside the vocabulary, as in the real checkpoints (id 257152).
+IMAGE_TOKEN_ID = VOCABULARY_SIZE
+
+
+def tiny_model(generation, sliding_window=4, seed=0):
+    """A random PaliGemma 1 (`generation=1`) or 2 model, in eval mode."""
+    torch.manual_seed(seed)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    common = dict(
+        vocab_size=VOCABULARY_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        initializer_range=0.2,
+    )
+    if generation == 1:
+        text = transformers.GemmaConfig(
+            **common, num_key_value_heads=1, hidden_act="gelu_pytorch_tanh"
+        )
+    else:
+        text = transformers.Gemma2Config(
+            **common,
+            num_key_value_heads=2,
+            hidden_activation="gelu_pytorch_tanh",
+            # Not head_dim, so a wrong query scaling shows in the logits.
+            query_pre_attn_scalar=12,
+            sliding_window=sliding_window,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        )
+    config = transformers.PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        vocab_size=VOCABULARY_SIZE,
+        projection_dim=32,
+        hidden_size=32,
+    )
+    config._attn_implementation = "eager"
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and parameter.dim() == 1:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def num_image_tokens(model):
+    return model.config.text_config.num_image_tokens
+
+
+def pixel_values(images):
+    """Our `[-1, 1]` NHWC images as transformers' NCHW pixel values."""
+    return torch.tensor(np.asarray(images, "float32").transpose(0, 3, 1, 2))
+
+
+def logits(model, images, token_ids, padding_mask, response_mask):
+    """Logits over the text positions for right-padded text inputs."""
+    n = num_image_tokens(model)
+    batch = token_ids.shape[0]
+    image_ids = np.full((batch, n), IMAGE_TOKEN_ID)
+    input_ids = np.concatenate([image_ids, token_ids], axis=1)
+    attention = np.concatenate([np.ones((batch, n)), padding_mask], axis=1)
+    token_types = np.concatenate([np.zeros((batch, n)), response_mask], 1)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(input_ids),
+            pixel_values=pixel_values(images),
+            attention_mask=torch.tensor(attention, dtype=torch.long),
+            token_type_ids=torch.tensor(token_types, dtype=torch.long),
+        )
+    return out.logits[:, n:].numpy()
+
+
+def greedy(model, images, prompts, max_new_tokens):
+    """Greedy answers (lists of ids, `<eos>` excluded) for token prompts.
+
+    The prompts (lists of ids, `<bos>` ... `\\n` included) are left-padded
+    into one batch, as transformers generates.
+    """
+    n = num_image_tokens(model)
+    width = max(len(p) for p in prompts)
+    input_ids, attention = [], []
+    for prompt in prompts:
+        pad = width - len(prompt)
+        input_ids.append([0] * pad + [IMAGE_TOKEN_ID] * n + list(prompt))
+        attention.append([0] * pad + [1] * (n + len(prompt)))
+    input_ids = torch.tensor(input_ids)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            pixel_values=pixel_values(images),
+            attention_mask=torch.tensor(attention),
+            token_type_ids=torch.zeros_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+    answers = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        answers.append(row[: row.index(1)] if 1 in row else row)
+    return answers
