@@ -268,7 +268,11 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
                 x = block(x, mask, query_positions)
             else:
                 x, layer_cache = block(
-                    x, mask, query_positions, cache[:, i], cache_update_index
+                    x,
+                    mask,
+                    query_positions,
+                    cache=cache[:, i],
+                    cache_update_index=cache_update_index,
                 )
                 new_caches.append(layer_cache)
         x = self.final_norm(x)

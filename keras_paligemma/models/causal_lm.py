@@ -1,0 +1,260 @@
+"""PaliGemmaCausalLM: answer prompts about images, fine-tune, score."""
+
+import keras
+import keras_hub
+from keras import ops
+
+from keras_paligemma.models.backbone import PaliGemmaBackbone
+from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
+
+
+@keras.saving.register_keras_serializable(package="keras_paligemma")
+class PaliGemmaCausalLM(keras_hub.models.CausalLM):
+    """PaliGemma (1 or 2) for image + text to text generation.
+
+    Calling the model on preprocessed inputs (`images`, `token_ids`,
+    `padding_mask`, `response_mask`) returns the logits of the text
+    positions, `(batch, text_length, vocabulary_size)`. `fit()` takes
+    `{"images", "prompts", "responses"}` (the loss covers the answers only).
+
+    `generate()` takes `{"images", "prompts"}` (optionally `"responses"` to
+    force the start of the answer) and returns `prompt + answer` strings
+    like keras-hub (`strip_prompt=True` returns the answer alone); a single
+    image and prompt give a string, a batch a list. With `preprocessor=None`
+    it takes and returns token ids. How it runs:
+
+    - The image is encoded and the whole prefix (image + prompt) is
+      prefilled once into a KV cache, then one token is decoded per step.
+    - Prompts of different lengths are right-aligned inside the cache
+      (each row keeps its own positions), so every row of a batch gets
+      exactly the tokens it gets alone, and the decode loop starts for all
+      rows at the longest prompt. The answer budget is `max_length` (the
+      packed text length) minus the longest prompt.
+    - JAX: one `jax.jit`-compiled function; TensorFlow: `tf.function` with
+      XLA (`jit_compile=True`); PyTorch: eager under `torch.no_grad()`.
+      Calls with the same batch size and `max_length` reuse the compiled
+      function whatever the prompt lengths.
+    - Greedy by default; any keras-hub sampler works
+      (`causal_lm.compile(sampler="top_k")`).
+
+    Args:
+        backbone: a `PaliGemmaBackbone`.
+        preprocessor: a `PaliGemmaCausalLMPreprocessor`, or `None` to work
+            with token ids.
+
+    Example:
+
+    >>> import numpy as np
+    >>> causal_lm = PaliGemmaCausalLM.from_preset(
+    ...     "presets/pali_gemma_tiny_random")
+    >>> answer = causal_lm.generate(
+    ...     {"images": np.zeros((64, 64, 3), "uint8"),
+    ...      "prompts": "caption en"}, max_length=12)
+    >>> answer.startswith("caption en\\n")
+    True
+    """
+
+    backbone_cls = PaliGemmaBackbone
+    preprocessor_cls = PaliGemmaCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="greedy",
+        **kwargs,
+    ):
+        """Configure `fit()` and `generate()`; greedy decoding by default.
+
+        Same arguments as `keras_hub.models.CausalLM.compile`; only the
+        sampler default differs (PaliGemma is evaluated greedily).
+        """
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """Generate for one batch of preprocessed inputs.
+
+        Args:
+            inputs: dict with `images`, right-padded `token_ids` and
+                `padding_mask` (and optionally `response_mask`, marking
+                forced answer tokens).
+            stop_token_ids: tuple of ids that end a row, or `None`.
+
+        Returns:
+            dict with `token_ids` and `padding_mask` in the input layout:
+            each row's prompt first, then its answer.
+        """
+        backbone = self.backbone
+        token_ids = ops.convert_to_tensor(inputs["token_ids"], "int32")
+        padding_mask = ops.cast(inputs["padding_mask"], "bool")
+        response_mask = inputs.get("response_mask")
+        if response_mask is None:
+            response_mask = ops.zeros_like(padding_mask)
+        response_mask = ops.cast(response_mask, "bool")
+        images = ops.convert_to_tensor(inputs["images"])
+        if len(images.shape) == 3:
+            images = ops.expand_dims(images, 0)
+        batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        num_image_tokens = backbone.num_image_tokens
+
+        # Right-align the prompts: row b moves right by `shift[b]` so every
+        # prompt ends at column `prompt_end`, where decoding starts.
+        lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
+        prompt_end = ops.max(lengths)
+        shift = prompt_end - lengths
+        columns = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
+        source = columns - ops.expand_dims(shift, 1)
+        in_prompt = ops.logical_and(source >= 0, columns < prompt_end)
+        gather = ops.clip(source, 0, length - 1)
+        prompt = ops.where(
+            in_prompt, ops.take_along_axis(token_ids, gather, axis=1), 0
+        )
+        text_response = ops.where(
+            in_prompt,
+            ops.take_along_axis(response_mask, gather, axis=1),
+            columns >= prompt_end,
+        )
+        image_flags = ops.ones((batch_size, num_image_tokens), "bool")
+        valid = ops.concatenate([image_flags, source >= 0], axis=1)
+        response = ops.concatenate(
+            [ops.logical_not(image_flags), text_response], axis=1
+        )
+        image_positions = ops.broadcast_to(
+            ops.arange(num_image_tokens, dtype="int32"),
+            (batch_size, num_image_tokens),
+        )
+        positions = ops.concatenate(
+            [image_positions, num_image_tokens + source], axis=1
+        )
+
+        # Prefill: encode the image once, fill the cache with the prefix.
+        x = ops.concatenate(
+            [backbone.vision_encoder(images), backbone.embed_tokens(prompt)],
+            axis=1,
+        )
+        cache = ops.zeros(
+            (
+                batch_size,
+                backbone.num_layers,
+                2,
+                num_image_tokens + length,
+                backbone.num_key_value_heads,
+                backbone.head_dim,
+            ),
+            dtype=self.compute_dtype,
+        )
+        _, cache = backbone.decode(x, valid, response, positions, cache, 0)
+
+        def next(prompt, cache, index):
+            token = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+            hidden_states, cache = backbone.decode(
+                backbone.embed_tokens(token),
+                valid,
+                response,
+                positions,
+                cache,
+                num_image_tokens + index - 1,
+            )
+            logits = backbone.token_embedding(hidden_states, reverse=True)
+            return logits[:, 0, :], hidden_states, cache
+
+        generated = self.sampler(
+            next=next,
+            prompt=prompt,
+            cache=cache,
+            index=prompt_end,
+            mask=in_prompt,
+            stop_token_ids=stop_token_ids,
+            model=self,
+        )
+
+        keep = source >= 0
+        if stop_token_ids is not None:
+            is_stop = ops.zeros_like(in_prompt)
+            for stop_id in stop_token_ids:
+                is_stop = ops.logical_or(is_stop, ops.equal(generated, stop_id))
+            is_stop = ops.cast(
+                ops.logical_and(is_stop, ops.logical_not(in_prompt)), "int32"
+            )
+            stops_before = ops.cumsum(is_stop, axis=1) - is_stop
+            keep = ops.logical_and(keep, stops_before == 0)
+
+        # Move every row back to the left, as the input was laid out.
+        back = columns + ops.expand_dims(shift, 1)
+        inside = back < length
+        back = ops.clip(back, 0, length - 1)
+        return {
+            "token_ids": ops.where(
+                inside, ops.take_along_axis(generated, back, axis=1), 0
+            ),
+            "padding_mask": ops.logical_and(
+                inside, ops.take_along_axis(keep, back, axis=1)
+            ),
+        }
+
+    def score(
+        self,
+        images,
+        token_ids,
+        padding_mask=None,
+        response_mask=None,
+        scoring_mode="logits",
+        target_ids=None,
+    ):
+        """Per-token logits or losses of given text for given images.
+
+        Args:
+            images: preprocessed images `(batch, size, size, 3)`.
+            token_ids: `(batch, length)` text tokens.
+            padding_mask: `(batch, length)`, defaults to all ones.
+            response_mask: `(batch, length)` answer tokens (causal); defaults
+                to none (the whole text is prefix).
+            scoring_mode: `"logits"` for `(batch, length, vocabulary)`
+                logits, or `"loss"` for the per-token cross-entropy against
+                `target_ids`.
+            target_ids: `(batch, length)` targets, required for `"loss"`.
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                "`scoring_mode` must be 'logits' or 'loss'; got "
+                f"{scoring_mode!r}."
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError("`target_ids` is required when scoring 'loss'.")
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids)
+        if response_mask is None:
+            response_mask = ops.zeros_like(token_ids)
+        inputs = {
+            "images": images,
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": response_mask,
+        }
+        logits = self({k: ops.convert_to_tensor(v) for k, v in inputs.items()})
+        if scoring_mode == "logits":
+            return logits
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None
+        )
+        return loss(target_ids, logits)
