@@ -8,6 +8,7 @@ from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
 from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.vision_encoder import VisionEncoder
+from keras_paligemma.models.preset_dir import check_preset_dir
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
@@ -279,6 +280,18 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
         if cache is None:
             return x
         return x, ops.stack(new_caches, axis=1)
+
+    def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
+        """Save the backbone config and weights as a loadable preset.
+
+        Args:
+            preset_dir: directory to write; it must be missing or empty
+                unless `overwrite=True`.
+            max_shard_size: weights shard size in GB.
+            overwrite: replace the files of an existing preset.
+        """
+        check_preset_dir(preset_dir, overwrite)
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
     def get_config(self):
         config = super().get_config()

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
+from keras_paligemma.models.preset_dir import check_preset_dir
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
@@ -210,6 +211,18 @@ class PaliGemmaCausalLM(keras_hub.models.CausalLM):
                 inside, ops.take_along_axis(keep, back, axis=1)
             ),
         }
+
+    def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
+        """Save model, preprocessor and tokenizer as a loadable preset.
+
+        Args:
+            preset_dir: directory to write; it must be missing or empty
+                unless `overwrite=True`.
+            max_shard_size: weights shard size in GB.
+            overwrite: replace the files of an existing preset.
+        """
+        check_preset_dir(preset_dir, overwrite)
+        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
     def score(
         self,
