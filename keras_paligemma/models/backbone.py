@@ -290,7 +290,9 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
             max_shard_size: weights shard size in GB.
             overwrite: replace the files of an existing preset.
         """
-        check_preset_dir(preset_dir, overwrite)
+        # A task saving itself has checked the directory already.
+        inside_task_save = getattr(self, "_saving_inside_task", False)
+        check_preset_dir(preset_dir, overwrite or inside_task_save)
         super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
     def get_config(self):

@@ -222,7 +222,13 @@ class PaliGemmaCausalLM(keras_hub.models.CausalLM):
             overwrite: replace the files of an existing preset.
         """
         check_preset_dir(preset_dir, overwrite)
-        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+        # keras-hub's saver writes task.json, then calls the backbone's
+        # `save_to_preset` on the same, now non-empty, directory.
+        self.backbone._saving_inside_task = True
+        try:
+            super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+        finally:
+            self.backbone._saving_inside_task = False
 
     def score(
         self,

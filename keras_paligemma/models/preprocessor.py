@@ -62,8 +62,8 @@ class PaliGemmaCausalLMPreprocessor(
     >>> x, y, weights = preprocessor({
     ...     "images": np.zeros((1, 64, 48, 3), "uint8"),
     ...     "prompts": ["caption en"], "responses": ["a cat"]})
-    >>> tuple(x["images"].shape)[1:]
-    (28, 28, 3)
+    >>> tuple(x["images"].shape)
+    (1, 56, 56, 3)
     """
 
     backbone_cls = PaliGemmaBackbone

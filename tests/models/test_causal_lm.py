@@ -165,3 +165,12 @@ def test_responses_force_the_start_of_the_answer(tiny_causal_lm):
     # keras-hub semantics: `strip_prompt` also strips the forced words.
     rest = tiny_causal_lm.generate(x, max_length=24, strip_prompt=True)
     assert answer[0] == "caption en\na red" + rest[0]
+
+
+def test_keras_hub_samplers_are_accepted(tiny_causal_lm):
+    import keras_hub
+
+    x = {"images": some_images(2), "prompts": ["caption en", "ocr"]}
+    greedy = tiny_causal_lm.generate(x, max_length=20)
+    tiny_causal_lm.compile(sampler=keras_hub.samplers.TopKSampler(k=1))
+    assert tiny_causal_lm.generate(x, max_length=20) == greedy

@@ -1,0 +1,36 @@
+"""The examples in our docstrings run and print what they claim."""
+
+import doctest
+import importlib
+import os
+
+import pytest
+
+from conftest import REPO
+
+MODULES = [
+    "keras_paligemma.layers.attention_mask",
+    "keras_paligemma.layers.rms_norm",
+    "keras_paligemma.layers.rotary",
+    "keras_paligemma.layers.vision_encoder",
+    "keras_paligemma.models.backbone",
+    "keras_paligemma.models.tokenizer",
+    "keras_paligemma.models.image_converter",
+    "keras_paligemma.models.preprocessor",
+    "keras_paligemma.models.causal_lm",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    module = importlib.import_module(name)
+    import numpy as np
+    from keras import ops
+
+    result = doctest.testmod(
+        module, extraglobs={"np": np, "ops": ops}, verbose=False
+    )
+    assert result.attempted > 0, f"{name} has no example"
+    assert result.failed == 0
+    assert os.getcwd() == REPO
