@@ -134,17 +134,9 @@ class PaliGemmaCausalLM(keras_hub.models.CausalLM):
             ops.take_along_axis(response_mask, gather, axis=1),
             columns >= prompt_end,
         )
-        image_flags = ops.ones((batch_size, num_image_tokens), "bool")
-        valid = ops.concatenate([image_flags, source >= 0], axis=1)
-        response = ops.concatenate(
-            [ops.logical_not(image_flags), text_response], axis=1
-        )
-        image_positions = ops.broadcast_to(
-            ops.arange(num_image_tokens, dtype="int32"),
-            (batch_size, num_image_tokens),
-        )
-        positions = ops.concatenate(
-            [image_positions, num_image_tokens + source], axis=1
+        # Positions count valid tokens, so each row keeps its own numbering.
+        valid, response, positions = backbone.sequence_layout(
+            source >= 0, text_response
         )
 
         # Prefill: encode the image once, fill the cache with the prefix.
