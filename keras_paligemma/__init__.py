@@ -1,5 +1,7 @@
 """keras_paligemma: PaliGemma and PaliGemma 2 in Keras 3 (JAX, TensorFlow, PyTorch)."""
 
+from keras_paligemma.export.saved_model import export_backbone
+from keras_paligemma.export.saved_model import export_saved_model
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.causal_lm import PaliGemmaCausalLM
 from keras_paligemma.models.image_converter import PaliGemmaImageConverter
@@ -14,4 +16,6 @@ __all__ = [
     "PaliGemmaCausalLMPreprocessor",
     "PaliGemmaImageConverter",
     "PaliGemmaTokenizer",
+    "export_backbone",
+    "export_saved_model",
 ]

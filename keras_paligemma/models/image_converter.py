@@ -50,6 +50,33 @@ def load_image(image, argument="images"):
     return array[..., :3].astype("float32")
 
 
+def decode_encoded_images(encoded, image_size):
+    """TF graph op: encoded image bytes `[batch]` to float32 RGB images.
+
+    Each JPEG/PNG/GIF/BMP is decoded to RGB (alpha dropped, grayscale
+    repeated) and resized bilinearly, without antialiasing, to
+    `image_size`; values stay in `[0, 255]`.
+    """
+    import tensorflow as tf
+
+    def decode(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image = tf.image.resize(tf.cast(image, "float32"), image_size)
+        return tf.ensure_shape(image, tuple(image_size) + (3,))
+
+    return tf.map_fn(
+        decode,
+        encoded,
+        fn_output_signature=tf.TensorSpec(tuple(image_size) + (3,), tf.float32),
+    )
+
+
+def _is_string_tensor(images):
+    if not type(images).__module__.startswith("tensorflow"):
+        return False
+    return images.dtype.name == "string"
+
+
 def _is_single_image(images):
     if isinstance(images, (str, os.PathLike)):
         return True
@@ -72,7 +99,9 @@ class PaliGemmaImageConverter(keras_hub.layers.ImageConverter):
 
     Inputs may be a single image or a batch: file paths, PIL images (any
     mode), or arrays/tensors that are grayscale, RGB or RGBA, integer or
-    float with values in `[0, 255]`. A list may mix sizes and kinds. A
+    float with values in `[0, 255]`. A list may mix sizes and kinds. Inside
+    `tf.data` (e.g. `fit` on a dict of file paths), string tensors are read
+    as file paths and decoded with TensorFlow. A
     single image gives `(size, size, 3)`, a batch `(batch, size, size, 3)`.
 
     Args:
@@ -117,6 +146,16 @@ class PaliGemmaImageConverter(keras_hub.layers.ImageConverter):
     def _call_python(self, inputs):
         if isinstance(inputs, dict):
             return super()._call_python(inputs)
+        if _is_string_tensor(inputs):
+            # File paths inside `tf.data` (e.g. `fit` on a dict of paths).
+            import tensorflow as tf
+
+            paths = tf.reshape(inputs, [-1])
+            encoded = tf.map_fn(tf.io.read_file, paths)
+            images = decode_encoded_images(encoded, self.image_size)
+            if inputs.shape.rank == 0:
+                images = images[0]
+            return super()._call_python(images)
         if _is_single_image(inputs):
             return super()._call_python(load_image(inputs))
         if isinstance(inputs, (list, tuple)):

@@ -152,3 +152,18 @@ def test_image_converter_errors_name_the_argument(tmp_path):
         converter(np.zeros((4, 4, 5)))
     with pytest.raises(TypeError, match="images"):
         converter([np.array([["a", "b"]])])
+
+
+def test_image_converter_reads_path_tensors_like_paths(tmp_path):
+    import tensorflow as tf
+
+    converter = PaliGemmaImageConverter(image_size=(8, 8))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(20, 12), (9, 30)]):
+        path = os.path.join(tmp_path, f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype="uint8")).save(path)
+        paths.append(path)
+    from_python = ops.convert_to_numpy(converter(paths))
+    from_graph = tf.data.Dataset.from_tensor_slices(paths).batch(2).map(converter)
+    np.testing.assert_allclose(next(iter(from_graph)).numpy(), from_python, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Export to serving formats (TensorFlow SavedModel)."""
