@@ -7,10 +7,11 @@ from keras import ops
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
 from keras_paligemma.models.preset_dir import check_preset_dir
+from keras_paligemma.models.task_methods import TaskMethods
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
-class PaliGemmaCausalLM(keras_hub.models.CausalLM):
+class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
     """PaliGemma (1 or 2) for image + text to text generation.
 
     Calling the model on preprocessed inputs (`images`, `token_ids`,
@@ -37,6 +38,10 @@ class PaliGemmaCausalLM(keras_hub.models.CausalLM):
       function whatever the prompt lengths.
     - Greedy by default; any keras-hub sampler works
       (`causal_lm.compile(sampler="top_k")`).
+
+    One-call tasks return structured results in pixels of the original
+    images: `caption()`, `answer()`, `ocr()`, `detect()` (`Detection`s) and
+    `segment()` (`Segmentation`s with masks, given a `MaskDecoder`).
 
     Args:
         backbone: a `PaliGemmaBackbone`.

@@ -77,7 +77,7 @@ def _is_string_tensor(images):
     return images.dtype.name == "string"
 
 
-def _is_single_image(images):
+def is_single_image(images):
     if isinstance(images, (str, os.PathLike)):
         return True
     if type(images).__module__.startswith("PIL."):
@@ -156,7 +156,7 @@ class PaliGemmaImageConverter(keras_hub.layers.ImageConverter):
             if inputs.shape.rank == 0:
                 images = images[0]
             return super()._call_python(images)
-        if _is_single_image(inputs):
+        if is_single_image(inputs):
             return super()._call_python(load_image(inputs))
         if isinstance(inputs, (list, tuple)):
             converted = [super(PaliGemmaImageConverter, self)._call_python(

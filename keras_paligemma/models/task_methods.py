@@ -1,0 +1,129 @@
+"""One-call PaliGemma tasks: caption, answer, ocr, detect, segment.
+
+`PaliGemmaCausalLM` inherits these. Each builds the task prompt, runs
+`generate()` on the whole batch and returns structured results; boxes and
+masks are in pixels of the ORIGINAL images.
+"""
+
+import dataclasses
+
+from keras_paligemma.models.image_converter import is_single_image
+from keras_paligemma.models.image_converter import load_image
+from keras_paligemma.outputs.detection import parse_detections
+from keras_paligemma.outputs.segmentation import parse_segmentations
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A text answer: the prompt the model saw and what it wrote."""
+
+    prompt: str
+    text: str
+
+
+class TaskMethods:
+    """Mixin of task helpers built on `generate()`.
+
+    Every method takes one image (path, PIL image or array) or a list of
+    them, and returns one result or a list of results accordingly.
+    """
+
+    def caption(self, images, lang="en", max_length=None):
+        """Caption each image: the `caption {lang}` prompt."""
+        return self._ask(images, f"caption {lang}", max_length)
+
+    def answer(self, images, questions, lang="en", max_length=None):
+        """Answer a question per image: `answer {lang} {question}`.
+
+        `questions` is one string (asked of every image) or one per image.
+        """
+        prompts = [
+            f"answer {lang} {question}"
+            for question in _per_image(questions, images, "questions")
+        ]
+        return self._ask(images, prompts, max_length)
+
+    def ocr(self, images, max_length=None):
+        """Read the text in each image: the `ocr` prompt."""
+        return self._ask(images, "ocr", max_length)
+
+    def detect(self, images, objects, max_length=None):
+        """Detect objects: `detect a ; b`, parsed into `Detection`s.
+
+        Args:
+            images: one image or a list.
+            objects: a name (`"cat"`) or a list of names (`["cat", "dog"]`)
+                looked for in every image.
+
+        Returns:
+            A list of `Detection` per image (boxes in original pixels).
+        """
+        if isinstance(objects, str):
+            objects = [objects]
+        prompt = "detect " + " ; ".join(objects)
+        return self._parsed(
+            images, prompt, max_length,
+            lambda text, size: parse_detections(text, size),
+        )
+
+    def segment(self, images, object_name, decoder=None, max_length=None):
+        """Segment one kind of object: `segment {object_name}`.
+
+        Args:
+            images: one image or a list.
+            object_name: what to segment, e.g. `"cat"`.
+            decoder: a `MaskDecoder` to turn codes into masks, or `None`
+                for boxes and codes only.
+
+        Returns:
+            A list of `Segmentation` per image.
+        """
+        return self._parsed(
+            images, f"segment {object_name}", max_length,
+            lambda text, size: parse_segmentations(text, size, decoder),
+        )
+
+    def _ask(self, images, prompts, max_length):
+        single = is_single_image(images)
+        loaded = _load_all(images)
+        prompts = _per_image(prompts, loaded, "prompts")
+        texts = self._answers(loaded, prompts, max_length)
+        answers = [Answer(p, t) for p, t in zip(prompts, texts)]
+        return answers[0] if single else answers
+
+    def _parsed(self, images, prompt, max_length, parse):
+        single = is_single_image(images)
+        loaded = _load_all(images)
+        texts = self._answers(loaded, [prompt] * len(loaded), max_length)
+        results = [
+            parse(text, image.shape[:2]) for text, image in zip(texts, loaded)
+        ]
+        return results[0] if single else results
+
+    def _answers(self, images, prompts, max_length):
+        if self.preprocessor is None:
+            raise ValueError("Task helpers need a `preprocessor`.")
+        return self.generate(
+            {"images": images, "prompts": prompts},
+            max_length=max_length,
+            strip_prompt=True,
+        )
+
+
+def _load_all(images):
+    if is_single_image(images):
+        images = [images]
+    return [load_image(image) for image in images]
+
+
+def _per_image(values, images, argument):
+    count = 1 if is_single_image(images) else len(images)
+    if isinstance(values, str):
+        return [values] * count
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(
+            f"`{argument}` must be one string or one per image ({count}); "
+            f"got {len(values)}."
+        )
+    return values

@@ -1,0 +1,1 @@
+"""Turn PaliGemma's text answers into boxes, masks and pictures."""
