@@ -77,13 +77,20 @@ def num_image_tokens(model):
 
 
 def pixel_values(images):
-    """Our `[-1, 1]` NHWC images as transformers' NCHW pixel values."""
-    return torch.tensor(np.asarray(images, "float32").transpose(0, 3, 1, 2))
+    """Our `[-1, 1]` NHWC images as transformers' NCHW pixel values.
+
+    Several images per example (`(batch, n, h, w, 3)`) are flattened in
+    order, as transformers expects them.
+    """
+    images = np.asarray(images, "float32")
+    images = images.reshape((-1,) + images.shape[-3:])
+    return torch.tensor(images.transpose(0, 3, 1, 2))
 
 
 def logits(model, images, token_ids, padding_mask, response_mask):
     """Logits over the text positions for right-padded text inputs."""
-    n = num_image_tokens(model)
+    images_per_example = images.shape[1] if np.ndim(images) == 5 else 1
+    n = num_image_tokens(model) * images_per_example
     batch = token_ids.shape[0]
     image_ids = np.full((batch, n), IMAGE_TOKEN_ID)
     input_ids = np.concatenate([image_ids, token_ids], axis=1)

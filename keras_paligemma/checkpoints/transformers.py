@@ -239,12 +239,14 @@ def load_weights(backbone, tensors, config):
         )
 
 
-def load_backbone(checkpoint_dir, dtype=None):
+def load_backbone(checkpoint_dir, dtype=None, num_images=1):
     """Build a `PaliGemmaBackbone` from a transformers checkpoint directory.
 
     Args:
         checkpoint_dir: directory with `config.json` and `*.safetensors`.
         dtype: dtype policy of the backbone (defaults to Keras' default).
+        num_images: images per example (2 for the NLVR2 checkpoints;
+            transformers takes it from the inputs, we fix it in the config).
     """
     from keras_paligemma.models.backbone import PaliGemmaBackbone
 
@@ -262,7 +264,7 @@ def load_backbone(checkpoint_dir, dtype=None):
             f"{hf_config.get('model_type')!r}, expected 'paligemma'."
         )
     config = backbone_config(hf_config)
-    backbone = PaliGemmaBackbone(**config, dtype=dtype)
+    backbone = PaliGemmaBackbone(**config, num_images=num_images, dtype=dtype)
     load_weights(backbone, read_tensors(checkpoint_dir), config)
     return backbone
 

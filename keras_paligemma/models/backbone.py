@@ -39,6 +39,10 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
         head_dim: decoder head width.
         vit_patch_size, vit_num_heads, vit_hidden_dim, vit_num_layers,
         vit_intermediate_dim: SigLIP sizes (So400m/14 by default).
+        num_images: images per example. Above 1 (NLVR2-style checkpoints),
+            `images` is `(batch, num_images, size, size, 3)` and an
+            `image_mask` input `(batch, num_images)` marks missing images,
+            whose tokens are never attended.
         query_pre_attn_scalar: queries are scaled by its inverse square
             root; defaults to `head_dim`.
         use_post_norms: Gemma 2's post-attention and post-FFW RMSNorms.
@@ -84,6 +88,7 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
         vit_hidden_dim=1152,
         vit_num_layers=27,
         vit_intermediate_dim=4304,
+        num_images=1,
         query_pre_attn_scalar=None,
         use_post_norms=False,
         attention_logit_softcap=None,
@@ -139,30 +144,39 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
             epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
         )
         self.sliding_window = sliding_window
-        self.num_image_tokens = self.vision_encoder.num_patches
+        self.num_images = num_images
+        self.num_image_tokens = num_images * self.vision_encoder.num_patches
 
         # === Functional model ===
-        images = keras.Input((image_size, image_size, 3), name="images")
+        image_shape = (image_size, image_size, 3)
+        if num_images > 1:
+            image_shape = (num_images,) + image_shape
+        images = keras.Input(image_shape, name="images")
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
         response_mask = keras.Input(
             (None,), dtype="int32", name="response_mask"
         )
+        inputs = {
+            "images": images,
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": response_mask,
+        }
+        image_mask = None
+        if num_images > 1:
+            image_mask = keras.Input((num_images,), dtype="int32", name="image_mask")
+            inputs["image_mask"] = image_mask
         valid, response, positions = self.sequence_layout(
-            padding_mask, response_mask
+            padding_mask, response_mask, image_mask
         )
         x = ops.concatenate(
-            [self.vision_encoder(images), self.embed_tokens(token_ids)],
+            [self.encode_images(images), self.embed_tokens(token_ids)],
             axis=1,
         )
         x = self.decode(x, valid, response, positions)
         super().__init__(
-            inputs={
-                "images": images,
-                "token_ids": token_ids,
-                "padding_mask": padding_mask,
-                "response_mask": response_mask,
-            },
+            inputs=inputs,
             outputs=x[:, self.num_image_tokens :, :],
             dtype=dtype,
             **kwargs,
@@ -189,17 +203,41 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
 
-    def sequence_layout(self, padding_mask, response_mask):
+    def encode_images(self, images):
+        """Image tokens `(batch, num_image_tokens, hidden_dim)`, in order.
+
+        `images` is `(batch, size, size, 3)`, or `(batch, num_images, size,
+        size, 3)` for a multi-image backbone: each image gives its block of
+        tokens, first image first.
+        """
+        if self.num_images == 1:
+            return self.vision_encoder(images)
+        size = self.vision_encoder.image_size
+        flat = ops.reshape(images, (-1, size, size, 3))
+        tokens = self.vision_encoder(flat)
+        return ops.reshape(
+            tokens, (-1, self.num_image_tokens, ops.shape(tokens)[-1])
+        )
+
+    def sequence_layout(self, padding_mask, response_mask, image_mask=None):
         """Per-token `valid`, `response` and `positions` of image + text.
 
-        Image tokens are always valid and belong to the prefix; positions
-        count the valid tokens before each token, so padding anywhere in
-        the text leaves the positions of real tokens unchanged.
+        Image tokens belong to the prefix and are valid unless `image_mask`
+        (`(batch, num_images)`, multi-image backbones) marks their image
+        missing; positions count the valid tokens before each token, so
+        padding anywhere leaves the positions of real tokens unchanged.
         """
         padding_mask = ops.cast(padding_mask, "bool")
-        image_valid = ops.repeat(
-            ops.ones_like(padding_mask[:, :1]), self.num_image_tokens, axis=1
-        )
+        if image_mask is None:
+            image_valid = ops.repeat(
+                ops.ones_like(padding_mask[:, :1]), self.num_image_tokens, 1
+            )
+        else:
+            image_valid = ops.repeat(
+                ops.cast(image_mask, "bool"),
+                self.vision_encoder.num_patches,
+                axis=1,
+            )
         valid = ops.concatenate([image_valid, padding_mask], axis=1)
         response = ops.concatenate(
             [
@@ -312,6 +350,7 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
                 "vit_hidden_dim": self.vit_hidden_dim,
                 "vit_num_layers": self.vit_num_layers,
                 "vit_intermediate_dim": self.vit_intermediate_dim,
+                "num_images": self.num_images,
                 "query_pre_attn_scalar": self.query_pre_attn_scalar,
                 "use_post_norms": self.use_post_norms,
                 "attention_logit_softcap": self.attention_logit_softcap,

@@ -64,6 +64,13 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
     preprocessor_cls = PaliGemmaCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
+        images_per_example = getattr(preprocessor, "num_images", 1)
+        if preprocessor is not None and images_per_example != backbone.num_images:
+            raise ValueError(
+                f"The preprocessor packs {images_per_example} image(s) per "
+                f"example but the backbone takes {backbone.num_images}; set "
+                "the same `num_images` on both."
+            )
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
@@ -117,8 +124,9 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
             response_mask = ops.zeros_like(padding_mask)
         response_mask = ops.cast(response_mask, "bool")
         images = ops.convert_to_tensor(inputs["images"])
-        if len(images.shape) == 3:
+        if len(images.shape) == 3 + (backbone.num_images > 1):
             images = ops.expand_dims(images, 0)
+        image_mask = inputs.get("image_mask")
         batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         num_image_tokens = backbone.num_image_tokens
 
@@ -141,12 +149,12 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
         )
         # Positions count valid tokens, so each row keeps its own numbering.
         valid, response, positions = backbone.sequence_layout(
-            source >= 0, text_response
+            source >= 0, text_response, image_mask
         )
 
         # Prefill: encode the image once, fill the cache with the prefix.
         x = ops.concatenate(
-            [backbone.vision_encoder(images), backbone.embed_tokens(prompt)],
+            [backbone.encode_images(images), backbone.embed_tokens(prompt)],
             axis=1,
         )
         cache = ops.zeros(
@@ -235,6 +243,7 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
         response_mask=None,
         scoring_mode="logits",
         target_ids=None,
+        image_mask=None,
     ):
         """Per-token logits or losses of given text for given images.
 
@@ -248,6 +257,8 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
                 logits, or `"loss"` for the per-token cross-entropy against
                 `target_ids`.
             target_ids: `(batch, length)` targets, required for `"loss"`.
+            image_mask: `(batch, num_images)` for multi-image backbones;
+                defaults to every image present.
         """
         if scoring_mode not in ("logits", "loss"):
             raise ValueError(
@@ -267,6 +278,12 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
             "padding_mask": padding_mask,
             "response_mask": response_mask,
         }
+        if self.backbone.num_images > 1:
+            if image_mask is None:
+                image_mask = ops.ones(
+                    (ops.shape(token_ids)[0], self.backbone.num_images), "int32"
+                )
+            inputs["image_mask"] = image_mask
         logits = self({k: ops.convert_to_tensor(v) for k, v in inputs.items()})
         if scoring_mode == "logits":
             return logits

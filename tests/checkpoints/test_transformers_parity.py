@@ -86,3 +86,45 @@ def test_greedy_generation_matches_for_a_ragged_batch(models):
         np.testing.assert_array_equal(ids[: len(prompt)], prompt)
         answers.append(answer[: answer.index(1)] if 1 in answer else answer)
     assert answers == expected
+
+
+def test_two_images_per_example_match_transformers():
+    reference = oracle.tiny_model(2, sliding_window=6)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        backbone = load_backbone(directory, num_images=2)
+    rng = np.random.default_rng(3)
+    size = oracle.IMAGE_SIZE
+    x = rng.uniform(-1, 1, (2, 2, size, size, 3)).astype("float32")
+    token_ids = rng.integers(3, 1100, (2, 10)).astype("int32")
+    padding_mask = np.ones((2, 10), "int32")
+    padding_mask[0, 8:] = 0
+    response_mask = (np.arange(10) >= 5).astype("int32")[None].repeat(2, 0)
+    response_mask *= padding_mask
+    expected = oracle.logits(reference, x, token_ids, padding_mask, response_mask)
+    hidden = backbone(
+        {
+            "images": x,
+            "image_mask": np.ones((2, 2), "int32"),
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": response_mask,
+        }
+    )
+    got = ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True))
+    valid = padding_mask.astype(bool)
+    difference = np.abs(got - expected)[valid].max()
+    print(f"two images: max |logit difference| = {difference:.2e}")
+    assert difference < 1e-4
+    # The order of the images matters (each keeps its own block of tokens).
+    swapped = backbone(
+        {
+            "images": x[:, ::-1],
+            "image_mask": np.ones((2, 2), "int32"),
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": response_mask,
+        }
+    )
+    swapped = ops.convert_to_numpy(backbone.token_embedding(swapped, reverse=True))
+    assert np.abs(swapped - got)[valid].max() > 1e-3
