@@ -79,24 +79,41 @@ def parse_detections(text, image_size):
     ...                  image_size=(200, 400))
     [Detection(label='cat', box=(100.0, 0.0, 399.609375, 100.0))]
     """
+    return [
+        Detection(label=label, box=box)
+        for label, box, _ in parse_objects(text, image_size, "detection")
+    ]
+
+
+def parse_objects(text, image_size, kind, num_codes=None):
+    """`(label, box, codes)` of each well-formed object in an answer.
+
+    The shared reading of `detect` and `segment` answers: objects are
+    ` ; `-separated, each with four `<loc>` tokens (and, when `num_codes`
+    is given, exactly that many `<seg>` tokens); the rest is the label.
+    Malformed objects are skipped with a warning naming `kind`.
+    """
     image_size = check_image_size(image_size)
-    detections = []
+    parsed = []
     for part in split_objects(text.rsplit("\n", 1)[-1]):
         locations = [int(v) for v in LOC_TOKEN.findall(part)]
+        codes = tuple(int(v) for v in SEG_TOKEN.findall(part))
         label = SEG_TOKEN.sub("", LOC_TOKEN.sub("", part)).strip()
+        problem = None
         if len(locations) != 4:
+            problem = f"expected 4 location tokens, found {len(locations)}"
+        elif num_codes is not None and len(codes) != num_codes:
+            problem = (
+                f"expected {num_codes} segmentation tokens, found {len(codes)}"
+            )
+        else:
+            box = box_from_locations(locations, image_size)
+            if box is None:
+                problem = "empty or inverted box"
+        if problem:
             warnings.warn(
-                f"Skipping detection {part!r}: expected 4 location tokens, "
-                f"found {len(locations)}.",
-                stacklevel=2,
+                f"Skipping {kind} {part[:80]!r}: {problem}.", stacklevel=3
             )
             continue
-        box = box_from_locations(locations, image_size)
-        if box is None:
-            warnings.warn(
-                f"Skipping detection {part!r}: empty or inverted box.",
-                stacklevel=2,
-            )
-            continue
-        detections.append(Detection(label=label, box=box))
-    return detections
+        parsed.append((label, box, codes))
+    return parsed

@@ -1,15 +1,11 @@
 """Parse `segment` answers (4 `<loc>` + 16 `<seg>` tokens) into masks."""
 
 import dataclasses
-import warnings
 
 import numpy as np
 
-from keras_paligemma.outputs.detection import LOC_TOKEN
-from keras_paligemma.outputs.detection import SEG_TOKEN
-from keras_paligemma.outputs.detection import box_from_locations
 from keras_paligemma.outputs.detection import check_image_size
-from keras_paligemma.outputs.detection import split_objects
+from keras_paligemma.outputs.detection import parse_objects
 from keras_paligemma.outputs.mask_decoder import NUM_CODES
 
 
@@ -57,27 +53,7 @@ def parse_segmentations(text, image_size, decoder=None):
     [(0.0, 0.0, 10.0, 5.0)]
     """
     image_size = check_image_size(image_size)
-    parsed = []
-    for part in split_objects(text.rsplit("\n", 1)[-1]):
-        locations = [int(v) for v in LOC_TOKEN.findall(part)]
-        codes = tuple(int(v) for v in SEG_TOKEN.findall(part))
-        label = SEG_TOKEN.sub("", LOC_TOKEN.sub("", part)).strip()
-        if len(locations) != 4 or len(codes) != NUM_CODES:
-            warnings.warn(
-                f"Skipping segmentation {part[:80]!r}: expected 4 location "
-                f"and {NUM_CODES} segmentation tokens, found "
-                f"{len(locations)} and {len(codes)}.",
-                stacklevel=2,
-            )
-            continue
-        box = box_from_locations(locations, image_size)
-        if box is None:
-            warnings.warn(
-                f"Skipping segmentation {part[:80]!r}: empty or inverted box.",
-                stacklevel=2,
-            )
-            continue
-        parsed.append((label, box, codes))
+    parsed = parse_objects(text, image_size, "segmentation", NUM_CODES)
     if decoder is None or not parsed:
         return [Segmentation(label, box, codes) for label, box, codes in parsed]
     from keras import ops

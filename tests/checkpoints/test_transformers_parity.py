@@ -26,6 +26,11 @@ def models(request):
     return reference, backbone
 
 
+def text_logits(backbone, inputs):
+    hidden = backbone(inputs)
+    return ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True))
+
+
 def images(batch, seed=0):
     rng = np.random.default_rng(seed)
     size = oracle.IMAGE_SIZE
@@ -46,15 +51,15 @@ def test_logits_match_over_image_prompt_and_answer(models):
     expected = oracle.logits(
         reference, x, token_ids, padding_mask, response_mask
     )
-    hidden = backbone(
+    got = text_logits(
+        backbone,
         {
             "images": x,
             "token_ids": token_ids,
             "padding_mask": padding_mask,
             "response_mask": response_mask,
-        }
+        },
     )
-    got = ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True))
     valid = padding_mask.astype(bool)
     difference = np.abs(got - expected)[valid].max()
     print(f"max |logit difference| = {difference:.2e}")
@@ -102,29 +107,18 @@ def test_two_images_per_example_match_transformers():
     response_mask = (np.arange(10) >= 5).astype("int32")[None].repeat(2, 0)
     response_mask *= padding_mask
     expected = oracle.logits(reference, x, token_ids, padding_mask, response_mask)
-    hidden = backbone(
-        {
-            "images": x,
-            "image_mask": np.ones((2, 2), "int32"),
-            "token_ids": token_ids,
-            "padding_mask": padding_mask,
-            "response_mask": response_mask,
-        }
-    )
-    got = ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True))
+    inputs = {
+        "images": x,
+        "image_mask": np.ones((2, 2), "int32"),
+        "token_ids": token_ids,
+        "padding_mask": padding_mask,
+        "response_mask": response_mask,
+    }
+    got = text_logits(backbone, inputs)
     valid = padding_mask.astype(bool)
     difference = np.abs(got - expected)[valid].max()
     print(f"two images: max |logit difference| = {difference:.2e}")
     assert difference < 1e-4
     # The order of the images matters (each keeps its own block of tokens).
-    swapped = backbone(
-        {
-            "images": x[:, ::-1],
-            "image_mask": np.ones((2, 2), "int32"),
-            "token_ids": token_ids,
-            "padding_mask": padding_mask,
-            "response_mask": response_mask,
-        }
-    )
-    swapped = ops.convert_to_numpy(backbone.token_embedding(swapped, reverse=True))
+    swapped = text_logits(backbone, {**inputs, "images": x[:, ::-1]})
     assert np.abs(swapped - got)[valid].max() > 1e-3
