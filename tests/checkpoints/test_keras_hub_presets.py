@@ -1,0 +1,126 @@
+"""keras-hub PaliGemma presets load into our classes with the same numbers."""
+
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+from keras import ops
+
+from conftest import TINY_PRESET
+from keras_paligemma.checkpoints import keras_hub as converter
+
+TINY = dict(
+    vocabulary_size=1472,
+    image_size=28,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    hidden_dim=32,
+    intermediate_dim=128,
+    head_dim=8,
+    vit_patch_size=14,
+    vit_num_heads=2,
+    vit_hidden_dim=32,
+    vit_num_layers=2,
+    vit_intermediate_dim=64,
+)
+GEMMA2 = dict(
+    use_post_ffw_norm=True,
+    use_post_attention_norm=True,
+    attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0,
+    use_sliding_window_attention=True,
+    sliding_window_size=4096,
+    # 28B-style flag; with 32 / 4 = 8 = head_dim both readings agree.
+    query_head_dim_normalize=False,
+)
+
+
+@pytest.fixture(scope="module", params=["paligemma1", "paligemma2"])
+def saved(request, tmp_path_factory):
+    """A random keras-hub PaliGemma saved with keras-hub's save_to_preset."""
+    keras.utils.set_random_seed(0)
+    extra = GEMMA2 if request.param == "paligemma2" else {}
+    backbone = keras_hub.models.PaliGemmaBackbone(**{**TINY, **extra})
+    rng = np.random.default_rng(0)
+    for variable in backbone.weights:
+        if "norm" in variable.path and len(variable.shape) == 1:
+            variable.assign(rng.normal(0, 0.3, variable.shape))
+        elif "token_embedding" in variable.path:
+            variable.assign(rng.normal(0, 0.5, variable.shape))
+    with open(os.path.join(TINY_PRESET, "assets", "tokenizer", "vocabulary.spm"), "rb") as f:
+        tokenizer = keras_hub.models.PaliGemmaTokenizer(proto=f.read())
+    preprocessor = keras_hub.models.PaliGemmaCausalLMPreprocessor(
+        tokenizer=tokenizer,
+        image_converter=keras_hub.layers.PaliGemmaImageConverter(
+            image_size=(28, 28), scale=1 / 127.5, offset=-1
+        ),
+        sequence_length=24,
+    )
+    causal_lm = keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    path = os.path.join(tmp_path_factory.mktemp("keras_hub"), request.param)
+    causal_lm.save_to_preset(path)
+    return causal_lm, path
+
+
+def test_logits_match_keras_hub(saved):
+    reference, path = saved
+    ours = converter.load_causal_lm(path)
+    rng = np.random.default_rng(1)
+    inputs = {
+        "images": rng.uniform(-1, 1, (2, 28, 28, 3)).astype("float32"),
+        "token_ids": rng.integers(3, 1400, (2, 10)).astype("int32"),
+        "padding_mask": np.ones((2, 10), "int32"),
+        "response_mask": (np.arange(10) >= 6).astype("int32")[None].repeat(2, 0),
+    }
+    hidden = reference.backbone(inputs)[:, reference.backbone.image_sequence_length :]
+    expected = ops.convert_to_numpy(
+        reference.backbone.token_embedding(hidden, reverse=True)
+    )
+    got = ops.convert_to_numpy(ours(inputs))
+    difference = np.abs(got - expected).max()
+    print(f"max |logit difference| vs keras-hub = {difference:.2e}")
+    assert difference < 1e-4
+
+
+def test_greedy_generation_matches_keras_hub(saved):
+    reference, path = saved
+    ours = converter.load_causal_lm(path)
+    image = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype="uint8")
+    for prompt in ["caption en", "answer en what color is the square?"]:
+        expected = reference.generate(
+            {"images": image, "prompts": prompt + "\n"}, max_length=24
+        )
+        assert ours.generate({"images": image, "prompts": prompt}, max_length=24) == expected
+
+
+def test_not_a_keras_hub_preset_is_refused():
+    with pytest.raises(ValueError, match="keras_hub>PaliGemmaBackbone"):
+        converter.load_backbone(TINY_PRESET)
+
+
+def test_shape_mismatch_names_the_variable(saved):
+    reference, _ = saved
+    config = converter.backbone_config(reference.backbone.get_config())
+    config["vocabulary_size"] += 1
+    from keras_paligemma import PaliGemmaBackbone
+
+    wrong = PaliGemmaBackbone(**config)
+    with pytest.raises(ValueError, match="token_embedding/embeddings"):
+        converter.copy_weights(reference.backbone, wrong, config)
+
+
+def test_28b_query_scaling_follows_the_config_not_keras_hub():
+    # keras-hub 0.32 scales queries by head_dim even when
+    # query_head_dim_normalize=False; PaliGemma 2 28B was trained with
+    # hidden_dim / num_query_heads = 4608 / 32 = 144 (transformers:
+    # query_pre_attn_scalar=144), which is what we load.
+    config = converter.backbone_config(
+        {**TINY, **GEMMA2, "hidden_dim": 4608, "num_query_heads": 32,
+         "head_dim": 128}
+    )
+    assert config["query_pre_attn_scalar"] == 144
+    config = converter.backbone_config({**TINY, **GEMMA2, "query_head_dim_normalize": True})
+    assert config["query_pre_attn_scalar"] == TINY["head_dim"]
