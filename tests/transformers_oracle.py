@@ -11,12 +11,13 @@ import transformers
 
 IMAGE_SIZE = 28
 VOCABULARY_SIZE = 1200
-# Outside the vocabulary, as in the real checkpoints (id 257152).
-IMAGE_TOKEN_ID = VOCABULARY_SIZE
 
 
-def tiny_model(generation, sliding_window=4, seed=0):
-    """A random PaliGemma 1 (`generation=1`) or 2 model, in eval mode."""
+def tiny_model(generation, sliding_window=4, seed=0, vocabulary_size=VOCABULARY_SIZE):
+    """A random PaliGemma 1 (`generation=1`) or 2 model, in eval mode.
+
+    The image token id is `vocabulary_size` (outside the vocabulary).
+    """
     torch.manual_seed(seed)
     vision = transformers.SiglipVisionConfig(
         hidden_size=32,
@@ -28,7 +29,7 @@ def tiny_model(generation, sliding_window=4, seed=0):
         vision_use_head=False,
     )
     common = dict(
-        vocab_size=VOCABULARY_SIZE,
+        vocab_size=vocabulary_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
@@ -58,8 +59,8 @@ def tiny_model(generation, sliding_window=4, seed=0):
     config = transformers.PaliGemmaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=IMAGE_TOKEN_ID,
-        vocab_size=VOCABULARY_SIZE,
+        image_token_index=vocabulary_size,
+        vocab_size=vocabulary_size,
         projection_dim=32,
         hidden_size=32,
     )
@@ -70,6 +71,10 @@ def tiny_model(generation, sliding_window=4, seed=0):
             if "norm" in name and parameter.dim() == 1:
                 parameter.normal_(0, 0.3)
     return model
+
+
+def image_token_id(model):
+    return model.config.image_token_index
 
 
 def num_image_tokens(model):
@@ -92,7 +97,7 @@ def logits(model, images, token_ids, padding_mask, response_mask):
     images_per_example = images.shape[1] if np.ndim(images) == 5 else 1
     n = num_image_tokens(model) * images_per_example
     batch = token_ids.shape[0]
-    image_ids = np.full((batch, n), IMAGE_TOKEN_ID)
+    image_ids = np.full((batch, n), image_token_id(model))
     input_ids = np.concatenate([image_ids, token_ids], axis=1)
     attention = np.concatenate([np.ones((batch, n)), padding_mask], axis=1)
     token_types = np.concatenate([np.zeros((batch, n)), response_mask], 1)
@@ -117,7 +122,7 @@ def greedy(model, images, prompts, max_new_tokens):
     input_ids, attention = [], []
     for prompt in prompts:
         pad = width - len(prompt)
-        input_ids.append([0] * pad + [IMAGE_TOKEN_ID] * n + list(prompt))
+        input_ids.append([0] * pad + [image_token_id(model)] * n + list(prompt))
         attention.append([0] * pad + [1] * (n + len(prompt)))
     input_ids = torch.tensor(input_ids)
     with torch.no_grad():

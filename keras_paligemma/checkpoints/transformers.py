@@ -239,6 +239,42 @@ def load_weights(backbone, tensors, config):
         )
 
 
+def is_transformers_checkpoint(checkpoint_dir):
+    """Whether the directory holds a transformers PaliGemma `config.json`."""
+    path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("model_type") == "paligemma"
+
+
+def load_causal_lm(checkpoint_dir, dtype=None, sequence_length=1024):
+    """Our `PaliGemmaCausalLM` from a transformers checkpoint directory.
+
+    Needs the SentencePiece model `tokenizer.model` beside the weights (the
+    `google/paligemma*` repositories ship it).
+    """
+    import keras_paligemma as kp
+
+    vocabulary = os.path.join(checkpoint_dir, "tokenizer.model")
+    if not os.path.isfile(vocabulary):
+        raise FileNotFoundError(
+            f"No `tokenizer.model` in `{checkpoint_dir}`: the causal LM needs "
+            "the SentencePiece vocabulary. Load the weights alone with "
+            "`PaliGemmaBackbone.from_preset`."
+        )
+    backbone = load_backbone(checkpoint_dir, dtype=dtype)
+    with open(vocabulary, "rb") as f:
+        tokenizer = kp.PaliGemmaTokenizer(proto=f.read())
+    size = backbone.image_size
+    preprocessor = kp.PaliGemmaCausalLMPreprocessor(
+        tokenizer=tokenizer,
+        image_converter=kp.PaliGemmaImageConverter(image_size=(size, size)),
+        sequence_length=sequence_length,
+    )
+    return kp.PaliGemmaCausalLM(backbone, preprocessor)
+
+
 def load_backbone(checkpoint_dir, dtype=None, num_images=1):
     """Build a `PaliGemmaBackbone` from a transformers checkpoint directory.
 
@@ -269,4 +305,11 @@ def load_backbone(checkpoint_dir, dtype=None, num_images=1):
     return backbone
 
 
-__all__ = ["backbone_config", "load_backbone", "load_weights", "read_tensors"]
+__all__ = [
+    "backbone_config",
+    "is_transformers_checkpoint",
+    "load_backbone",
+    "load_causal_lm",
+    "load_weights",
+    "read_tensors",
+]

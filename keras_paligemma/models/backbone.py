@@ -319,6 +319,24 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
             return x
         return x, ops.stack(new_caches, axis=1)
 
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Load the backbone from a preset.
+
+        `preset` is one of our preset directories, a keras-hub PaliGemma
+        preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
+        transformers checkpoint directory (`config.json` +
+        `*.safetensors`); foreign
+        formats are converted on the fly. Other keyword arguments go to
+        keras-hub's loader.
+        """
+        from keras_paligemma.checkpoints.dispatch import load_foreign
+
+        model = load_foreign("backbone", preset, dtype=kwargs.get("dtype"))
+        if model is not None:
+            return model
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
     def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
         """Save the backbone config and weights as a loadable preset.
 

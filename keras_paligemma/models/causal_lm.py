@@ -217,6 +217,24 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
             ),
         }
 
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Load the model with its preprocessor from a preset.
+
+        `preset` is one of our preset directories, a keras-hub PaliGemma
+        preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
+        transformers checkpoint directory (`config.json` +
+        `*.safetensors`, and `tokenizer.model` for the causal LM); foreign
+        formats are converted on the fly. Other keyword arguments go to
+        keras-hub's loader.
+        """
+        from keras_paligemma.checkpoints.dispatch import load_foreign
+
+        model = load_foreign("causal_lm", preset, dtype=kwargs.get("dtype"))
+        if model is not None:
+            return model
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
     def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
         """Save model, preprocessor and tokenizer as a loadable preset.
 

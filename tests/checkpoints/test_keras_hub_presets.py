@@ -86,8 +86,10 @@ def test_logits_match_keras_hub(saved):
 
 
 def test_greedy_generation_matches_keras_hub(saved):
+    from keras_paligemma import PaliGemmaCausalLM
+
     reference, path = saved
-    ours = converter.load_causal_lm(path)
+    ours = PaliGemmaCausalLM.from_preset(path)  # recognised as keras-hub
     image = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype="uint8")
     for prompt in ["caption en", "answer en what color is the square?"]:
         expected = reference.generate(

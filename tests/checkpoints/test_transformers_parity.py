@@ -122,3 +122,36 @@ def test_two_images_per_example_match_transformers():
     # The order of the images matters (each keeps its own block of tokens).
     swapped = text_logits(backbone, {**inputs, "images": x[:, ::-1]})
     assert np.abs(swapped - got)[valid].max() > 1e-3
+
+
+def test_from_preset_reads_a_transformers_directory(tmp_path):
+    import shutil
+
+    from conftest import TINY_PRESET
+    from keras_paligemma import PaliGemmaBackbone
+
+    reference = oracle.tiny_model(2, sliding_window=64, vocabulary_size=1472)
+    directory = str(tmp_path / "hf")
+    reference.save_pretrained(directory)
+    backbone = PaliGemmaBackbone.from_preset(directory)
+    assert backbone.vocabulary_size == 1472
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        PaliGemmaCausalLM.from_preset(directory)
+    shutil.copy(
+        f"{TINY_PRESET}/assets/tokenizer/vocabulary.spm",
+        f"{directory}/tokenizer.model",
+    )
+    causal_lm = PaliGemmaCausalLM.from_preset(directory)
+    image = np.random.default_rng(4).integers(0, 256, (40, 50, 3), dtype="uint8")
+    x = causal_lm.preprocessor.generate_preprocess(
+        {"images": [image], "prompts": ["caption en"]}, sequence_length=20
+    )
+    n = int(ops.convert_to_numpy(x["padding_mask"]).sum())
+    prompt = ops.convert_to_numpy(x["token_ids"])[0, :n].tolist()
+    pixels = ops.convert_to_numpy(x["images"])
+    (expected,) = oracle.greedy(reference, pixels, [prompt], max_new_tokens=20 - n)
+    tokenizer = causal_lm.preprocessor.tokenizer
+    answer = causal_lm.generate(
+        {"images": image, "prompts": "caption en"}, max_length=20, strip_prompt=True
+    )
+    assert answer == tokenizer.detokenize(expected)

@@ -1,0 +1,27 @@
+"""Recognise foreign checkpoint directories given to `from_preset`.
+
+`PaliGemmaBackbone.from_preset` and `PaliGemmaCausalLM.from_preset` call
+`load_foreign` first: a keras-hub preset directory or a transformers
+checkpoint directory is converted on the fly; anything else (our own
+presets) goes to keras-hub's preset loader as usual.
+"""
+
+import os
+
+from keras_paligemma.checkpoints import keras_hub as keras_hub_checkpoint
+from keras_paligemma.checkpoints import transformers as transformers_checkpoint
+
+
+def load_foreign(kind, preset, dtype=None):
+    """A `"backbone"` or `"causal_lm"` from a foreign directory, else `None`."""
+    if not isinstance(preset, (str, os.PathLike)) or not os.path.isdir(preset):
+        return None
+    if keras_hub_checkpoint.is_keras_hub_preset(preset):
+        if kind == "backbone":
+            return keras_hub_checkpoint.load_backbone(preset, dtype=dtype)
+        return keras_hub_checkpoint.load_causal_lm(preset, dtype=dtype)
+    if transformers_checkpoint.is_transformers_checkpoint(preset):
+        if kind == "backbone":
+            return transformers_checkpoint.load_backbone(preset, dtype=dtype)
+        return transformers_checkpoint.load_causal_lm(preset, dtype=dtype)
+    return None
