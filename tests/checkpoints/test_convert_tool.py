@@ -1,0 +1,44 @@
+"""tools/convert_checkpoint.py end to end, in a fresh process."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from keras import ops
+
+import transformers_oracle as oracle
+from conftest import BACKEND
+from conftest import REPO
+from keras_paligemma import PaliGemmaBackbone
+
+
+def convert(*args):
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), *args],
+        capture_output=True, text=True, env=env,
+    )
+
+
+def test_hf_to_ours_and_back(tmp_path):
+    reference = oracle.tiny_model(2, sliding_window=5)
+    source = str(tmp_path / "hf")
+    reference.save_pretrained(source)
+    ours = str(tmp_path / "ours")
+    result = convert("--from", "hf", source, "--to", ours)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "peak RSS" in result.stderr
+    backbone = PaliGemmaBackbone.from_preset(ours)
+    assert backbone.sliding_window == 5
+
+    back = str(tmp_path / "back")
+    result = convert("--from", "ours", ours, "--to", back, "--to-format", "hf")
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = PaliGemmaBackbone.from_preset(back)
+    by_path = {v.path: ops.convert_to_numpy(v) for v in backbone.weights}
+    for variable in again.weights:
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable), by_path[variable.path])
+
+    refused = convert("--from", "hf", source, "--to", ours)
+    assert refused.returncode != 0 and "overwrite=True" in refused.stderr
