@@ -20,6 +20,9 @@ Example (with a keras-hub preset directory on disk):
 import json
 import os
 
+from keras_paligemma.checkpoints.common import assign_weights
+from keras_paligemma.checkpoints.common import causal_lm_with
+
 REGISTERED_NAME = "keras_hub>PaliGemmaBackbone"
 
 
@@ -128,28 +131,13 @@ def copy_weights(keras_hub_backbone, backbone, config):
     """Assign every keras-hub backbone variable to its twin in ours."""
     import keras
 
-    ours = {v.path: v for v in backbone.weights}
-    assigned = set()
-    for variable in keras_hub_backbone.weights:
-        value = keras.ops.convert_to_numpy(variable)
-        path, value = _our_variable(variable.path, value, config)
-        target = ours.get(path)
-        if target is None:
-            raise ValueError(
-                f"keras-hub variable `{variable.path}` has no counterpart "
-                f"(`{path}`) in PaliGemmaBackbone."
-            )
-        if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(
-                f"Shape mismatch for `{path}` (from keras-hub "
-                f"`{variable.path}`): the model expects "
-                f"{tuple(target.shape)}, the checkpoint has {value.shape}."
-            )
-        target.assign(value)
-        assigned.add(path)
-    missing = sorted(set(ours) - assigned)
-    if missing:
-        raise ValueError(f"keras-hub preset has no weights for {missing[:5]}.")
+    def assignments():
+        for variable in keras_hub_backbone.weights:
+            value = keras.ops.convert_to_numpy(variable)
+            path, value = _our_variable(variable.path, value, config)
+            yield path, value, f"keras-hub {variable.path}"
+
+    assign_weights(backbone, assignments())
 
 
 def load_backbone(preset_dir, dtype=None):
@@ -173,16 +161,12 @@ def load_backbone(preset_dir, dtype=None):
 
 def load_causal_lm(preset_dir, dtype=None):
     """Our `PaliGemmaCausalLM` (with preprocessor) from a keras-hub preset."""
-    import keras_paligemma as kp
-
     backbone = load_backbone(preset_dir, dtype=dtype)
     vocabulary = os.path.join(preset_dir, "assets", "tokenizer", "vocabulary.spm")
     if not os.path.isfile(vocabulary):
         raise FileNotFoundError(
             f"No tokenizer in `{preset_dir}`: expected {vocabulary}."
         )
-    with open(vocabulary, "rb") as f:
-        tokenizer = kp.PaliGemmaTokenizer(proto=f.read())
     sequence_length = 1024
     preprocessor_json = os.path.join(preset_dir, "preprocessor.json")
     if os.path.isfile(preprocessor_json):
@@ -190,10 +174,5 @@ def load_causal_lm(preset_dir, dtype=None):
             sequence_length = json.load(f)["config"].get(
                 "sequence_length", sequence_length
             )
-    size = backbone.image_size
-    preprocessor = kp.PaliGemmaCausalLMPreprocessor(
-        tokenizer=tokenizer,
-        image_converter=kp.PaliGemmaImageConverter(image_size=(size, size)),
-        sequence_length=sequence_length,
-    )
-    return kp.PaliGemmaCausalLM(backbone, preprocessor)
+    with open(vocabulary, "rb") as f:
+        return causal_lm_with(backbone, f.read(), sequence_length)

@@ -15,6 +15,9 @@ Example (with a directory written by transformers' `save_pretrained`):
 import json
 import os
 
+from keras_paligemma.checkpoints.common import assign_weights
+from keras_paligemma.checkpoints.common import causal_lm_with
+
 _PREFIXES = (
     ("model.language_model.", "text."),
     ("language_model.model.", "text."),
@@ -205,38 +208,19 @@ def _text_assignments(parts, value, config):
 def load_weights(backbone, tensors, config):
     """Assign `(name, array)` checkpoint tensors to the backbone's variables.
 
-    Raises:
-        ValueError: a tensor's shape does not fit its variable (both shapes
-            are named), or a variable received no tensor.
+    Raises `ValueError` naming the variable and both shapes on a mismatch,
+    and listing variables that received no tensor.
     """
-    variables = {v.path: v for v in backbone.weights}
-    assigned = set()
-    for name, value in tensors:
-        canonical = _canonical_name(name)
-        if canonical is None:
-            continue  # e.g. the tied `lm_head.weight`.
-        for path, array in _variable_assignments(canonical, value, config):
-            variable = variables.get(path)
-            if variable is None:
-                raise ValueError(
-                    f"Checkpoint tensor `{name}` maps to `{path}`, which the "
-                    "backbone does not have: the config does not describe "
-                    "this checkpoint."
-                )
-            if tuple(variable.shape) != tuple(array.shape):
-                raise ValueError(
-                    f"Shape mismatch for `{path}` (from `{name}`): the model "
-                    f"expects {tuple(variable.shape)}, the checkpoint has "
-                    f"{tuple(array.shape)}."
-                )
-            variable.assign(array)
-            assigned.add(path)
-    missing = sorted(set(variables) - assigned)
-    if missing:
-        raise ValueError(
-            f"The checkpoint has no tensor for {len(missing)} variables, "
-            f"e.g. {missing[:5]}."
-        )
+
+    def assignments():
+        for name, value in tensors:
+            canonical = _canonical_name(name)
+            if canonical is None:
+                continue  # e.g. the tied `lm_head.weight`.
+            for path, array in _variable_assignments(canonical, value, config):
+                yield path, array, name
+
+    assign_weights(backbone, assignments())
 
 
 def is_transformers_checkpoint(checkpoint_dir):
@@ -254,8 +238,6 @@ def load_causal_lm(checkpoint_dir, dtype=None, sequence_length=1024):
     Needs the SentencePiece model `tokenizer.model` beside the weights (the
     `google/paligemma*` repositories ship it).
     """
-    import keras_paligemma as kp
-
     vocabulary = os.path.join(checkpoint_dir, "tokenizer.model")
     if not os.path.isfile(vocabulary):
         raise FileNotFoundError(
@@ -265,14 +247,7 @@ def load_causal_lm(checkpoint_dir, dtype=None, sequence_length=1024):
         )
     backbone = load_backbone(checkpoint_dir, dtype=dtype)
     with open(vocabulary, "rb") as f:
-        tokenizer = kp.PaliGemmaTokenizer(proto=f.read())
-    size = backbone.image_size
-    preprocessor = kp.PaliGemmaCausalLMPreprocessor(
-        tokenizer=tokenizer,
-        image_converter=kp.PaliGemmaImageConverter(image_size=(size, size)),
-        sequence_length=sequence_length,
-    )
-    return kp.PaliGemmaCausalLM(backbone, preprocessor)
+        return causal_lm_with(backbone, f.read(), sequence_length)
 
 
 def load_backbone(checkpoint_dir, dtype=None, num_images=1):
