@@ -8,12 +8,24 @@ presets) goes to keras-hub's preset loader as usual.
 
 import os
 
+from keras_paligemma import presets
 from keras_paligemma.checkpoints import keras_hub as keras_hub_checkpoint
 from keras_paligemma.checkpoints import transformers as transformers_checkpoint
 
 
 def load_foreign(kind, preset, dtype=None):
-    """A `"backbone"` or `"causal_lm"` from a foreign directory, else `None`."""
+    """A `"backbone"` or `"causal_lm"` from a foreign preset, else `None`.
+
+    Registry names (`keras_paligemma.presets.PRESETS`) and `kaggle://`
+    handles are downloaded through kagglehub, then converted like a local
+    keras-hub preset directory.
+    """
+    if isinstance(preset, str) and not os.path.exists(preset):
+        if preset.startswith("kaggle://"):
+            preset = presets.download_kaggle(preset)
+        elif "://" not in preset:
+            entry = presets.get_preset(preset)
+            preset = presets.download_kaggle(entry["kaggle_handle"])
     if not isinstance(preset, (str, os.PathLike)) or not os.path.isdir(preset):
         return None
     if keras_hub_checkpoint.is_keras_hub_preset(preset):

@@ -9,6 +9,7 @@ from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.vision_encoder import VisionEncoder
 from keras_paligemma.models.preset_dir import check_preset_dir
+from keras_paligemma.presets import PresetTable
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
@@ -319,11 +320,15 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
             return x
         return x, ops.stack(new_caches, axis=1)
 
+    presets = PresetTable()
+
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Load the backbone from a preset.
 
-        `preset` is one of our preset directories, a keras-hub PaliGemma
+        `preset` is a name from `presets` (downloaded from Kaggle through
+        kagglehub and cached), a `kaggle://` handle, one of our preset
+        directories, a keras-hub PaliGemma
         preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
         transformers checkpoint directory (`config.json` +
         `*.safetensors`); foreign

@@ -7,6 +7,7 @@ from keras import ops
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
 from keras_paligemma.models.preset_dir import check_preset_dir
+from keras_paligemma.presets import PresetTable
 from keras_paligemma.models.task_methods import TaskMethods
 
 
@@ -217,11 +218,15 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
             ),
         }
 
+    presets = PresetTable()
+
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Load the model with its preprocessor from a preset.
 
-        `preset` is one of our preset directories, a keras-hub PaliGemma
+        `preset` is a name from `presets` (downloaded from Kaggle through
+        kagglehub and cached), a `kaggle://` handle, one of our preset
+        directories, a keras-hub PaliGemma
         preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
         transformers checkpoint directory (`config.json` +
         `*.safetensors`, and `tokenizer.model` for the causal LM); foreign

@@ -1,0 +1,152 @@
+"""The official PaliGemma checkpoints: configs, sizes and where to get them.
+
+`PaliGemmaCausalLM.presets` (and `PaliGemmaBackbone.presets`) list them;
+`from_preset("pali_gemma2_mix_3b_224")` downloads the Kaggle keras preset
+through `kagglehub` (cached) and loads it. `transformers` names the same
+checkpoints with `hf_repo`; download those yourself (e.g. with
+`huggingface_hub.snapshot_download`) and pass the directory.
+
+Parameter counts are the official ones and are checked against the built
+architecture in the tests. `sliding_window` is `None` (full attention), as
+big_vision trained PaliGemma 2; the windowed variant of transformers only
+differs past 4096 tokens (896 px).
+"""
+
+import difflib
+
+VOCABULARY_SIZE = 257152
+
+_DECODERS = {
+    # Gemma 2B (PaliGemma 1).
+    "gemma_2b": dict(
+        num_layers=18, num_query_heads=8, num_key_value_heads=1,
+        hidden_dim=2048, ffw_hidden_dim=16384, head_dim=256,
+    ),
+    # Gemma 2 2B / 9B / 27B (PaliGemma 2).
+    "gemma2_2b": dict(
+        num_layers=26, num_query_heads=8, num_key_value_heads=4,
+        hidden_dim=2304, ffw_hidden_dim=9216, head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "gemma2_9b": dict(
+        num_layers=42, num_query_heads=16, num_key_value_heads=8,
+        hidden_dim=3584, ffw_hidden_dim=14336, head_dim=256,
+        query_pre_attn_scalar=256,
+    ),
+    "gemma2_27b": dict(
+        num_layers=46, num_query_heads=32, num_key_value_heads=16,
+        hidden_dim=4608, ffw_hidden_dim=36864, head_dim=128,
+        query_pre_attn_scalar=144,
+    ),
+}
+_GEMMA2 = dict(
+    use_post_norms=True, attention_logit_softcap=50.0, final_logit_softcap=30.0
+)
+# Official parameter counts at 224 px; 448 px adds 884,736 position
+# embeddings and 896 px adds 4,423,680.
+_PARAMS_224 = {
+    "gemma_2b": 2_923_335_408,
+    "gemma2_2b": 3_032_094_960,
+    "gemma2_9b": 9_662_409_456,
+    "gemma2_27b": 27_650_192_112,
+}
+_EXTRA_POSITIONS = {224: 0, 448: 884_736, 896: 4_423_680}
+
+
+def _entry(decoder, image_size, description, kaggle, hf_repo, length=256):
+    config = dict(
+        vocabulary_size=VOCABULARY_SIZE,
+        image_size=image_size,
+        **_DECODERS[decoder],
+        **(_GEMMA2 if decoder != "gemma_2b" else {}),
+    )
+    return {
+        "description": description,
+        "config": config,
+        "params": _PARAMS_224[decoder] + _EXTRA_POSITIONS[image_size],
+        "image_size": image_size,
+        "sequence_length": length,
+        "kaggle_handle": kaggle,
+        "hf_repo": hf_repo,
+    }
+
+
+def _table():
+    table = {}
+    kaggle1 = "kaggle://keras/paligemma/keras/{}/4"
+    for kind, sizes in (("mix", (224, 448)), ("pt", (224, 448, 896))):
+        for size in sizes:
+            name = f"pali_gemma_3b_{'mix_' if kind == 'mix' else ''}{size}"
+            table[name] = _entry(
+                "gemma_2b", size,
+                f"PaliGemma 3B, {'mix (ready to use)' if kind == 'mix' else 'pre-trained'}, {size} px.",
+                kaggle1.format(name), f"google/paligemma-3b-{kind}-{size}",
+            )
+    kaggle2 = "kaggle://keras/paligemma2/keras/{}/{}"
+    sizes_by_decoder = {"3b": "gemma2_2b", "10b": "gemma2_9b", "28b": "gemma2_27b"}
+    versions = {"3b": 2, "10b": 3, "28b": 3}
+    for scale, decoder in sizes_by_decoder.items():
+        for size in (224, 448, 896):
+            name = f"pali_gemma2_pt_{scale}_{size}"
+            version = 4 if name == "pali_gemma2_pt_28b_224" else versions[scale]
+            table[name] = _entry(
+                decoder, size, f"PaliGemma 2 {scale.upper()}, pre-trained, {size} px.",
+                kaggle2.format(name, version), f"google/paligemma2-{scale}-pt-{size}",
+            )
+        for size in (224, 448):
+            name = f"pali_gemma2_mix_{scale}_{size}"
+            kaggle_name = f"pali_gemma2_28b_mix_{size}" if scale == "28b" else name
+            table[name] = _entry(
+                decoder, size, f"PaliGemma 2 {scale.upper()}, mix (ready to use), {size} px.",
+                kaggle2.format(kaggle_name, versions[scale]),
+                f"google/paligemma2-{scale}-mix-{size}",
+            )
+    table["pali_gemma2_ft_docci_3b_448"] = _entry(
+        "gemma2_2b", 448, "PaliGemma 2 3B fine-tuned on DOCCI (long captions), 448 px.",
+        kaggle2.format("pali_gemma_2_ft_docci_3b_448", 2),
+        "google/paligemma2-3b-ft-docci-448", length=512,
+    )
+    table["pali_gemma2_ft_docci_10b_448"] = _entry(
+        "gemma2_9b", 448, "PaliGemma 2 10B fine-tuned on DOCCI (long captions), 448 px.",
+        kaggle2.format("pali_gemma2_ft_docci_10b_448", 3),
+        "google/paligemma2-10b-ft-docci-448", length=512,
+    )
+    return table
+
+
+PRESETS = _table()
+
+
+def get_preset(name):
+    """The registry entry for `name`, or a `ValueError` with close matches."""
+    if name in PRESETS:
+        return PRESETS[name]
+    close = difflib.get_close_matches(name, list(PRESETS), n=5, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"Unknown PaliGemma preset {name!r}.{hint} Known presets: "
+        "`PaliGemmaCausalLM.presets`; local directories load too."
+    )
+
+
+def download_kaggle(handle):
+    """Download (or reuse the cache of) a Kaggle preset; clear errors."""
+    import kagglehub
+
+    path = handle.removeprefix("kaggle://")
+    try:
+        return kagglehub.model_download(path)
+    except Exception as error:  # kagglehub raises many kinds.
+        raise RuntimeError(
+            f"Could not download {handle}: {type(error).__name__}: {error}\n"
+            "Check the network, set KAGGLE_USERNAME and KAGGLE_KEY (or "
+            "~/.kaggle/kaggle.json), and accept the Gemma licence on the "
+            "model's Kaggle page. Or pass a local preset directory."
+        ) from error
+
+
+class PresetTable:
+    """Descriptor: `cls.presets` -> `{name: entry}` of the registry."""
+
+    def __get__(self, instance, owner):
+        return dict(PRESETS)
