@@ -2,9 +2,9 @@
 
 `PaliGemmaCausalLM.presets` (and `PaliGemmaBackbone.presets`) list them;
 `from_preset("pali_gemma2_mix_3b_224")` downloads the Kaggle keras preset
-through `kagglehub` (cached) and loads it. `transformers` names the same
-checkpoints with `hf_repo`; download those yourself (e.g. with
-`huggingface_hub.snapshot_download`) and pass the directory.
+through `kagglehub` (cached) and loads it; `from_preset("hf://google/...")`
+downloads a transformers repository through `huggingface_hub` (cached) and
+converts it on the fly.
 
 Parameter counts are the official ones and are checked against the built
 architecture in the tests. `sliding_window` is `None` (full attention), as
@@ -142,6 +142,24 @@ def download_kaggle(handle):
             "Check the network, set KAGGLE_USERNAME and KAGGLE_KEY (or "
             "~/.kaggle/kaggle.json), and accept the Gemma licence on the "
             "model's Kaggle page. Or pass a local preset directory."
+        ) from error
+
+
+def download_hf(handle):
+    """Download (or reuse the cache of) an `hf://org/repo` snapshot."""
+    from huggingface_hub import snapshot_download
+
+    repo = handle.removeprefix("hf://")
+    try:
+        return snapshot_download(
+            repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
+        )
+    except Exception as error:  # huggingface_hub raises many kinds.
+        raise RuntimeError(
+            f"Could not download {handle}: {type(error).__name__}: {error}\n"
+            "Check the network, log in (`huggingface-cli login` or HF_TOKEN) "
+            "and accept the Gemma licence on the model's Hugging Face page. "
+            "Or pass a local checkpoint directory."
         ) from error
 
 

@@ -52,3 +52,31 @@ def test_download_failure_is_fast_and_names_the_fix(monkeypatch):
     message = str(error.value)
     assert "kaggle://keras/paligemma2/keras/pali_gemma2_mix_3b_224/2" in message
     assert "KAGGLE_USERNAME" in message and "licence" in message
+
+
+def test_hf_download_failure_names_the_repo_and_the_fix(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo, *args, **kwargs):
+        raise OSError("unauthorized")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError) as error:
+        kp.PaliGemmaBackbone.from_preset("hf://google/paligemma2-3b-pt-224")
+    message = str(error.value)
+    assert "hf://google/paligemma2-3b-pt-224" in message
+    assert "HF_TOKEN" in message and "licence" in message
+
+
+def test_hf_handle_loads_the_downloaded_snapshot(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    import transformers_oracle as oracle
+
+    reference = oracle.tiny_model(1)
+    reference.save_pretrained(str(tmp_path))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kwargs: str(tmp_path)
+    )
+    backbone = kp.PaliGemmaBackbone.from_preset("hf://someone/tiny-paligemma")
+    assert backbone.num_layers == reference.config.text_config.num_hidden_layers

@@ -17,12 +17,14 @@ def load_foreign(kind, preset, dtype=None):
     """A `"backbone"` or `"causal_lm"` from a foreign preset, else `None`.
 
     Registry names (`keras_paligemma.presets.PRESETS`) and `kaggle://`
-    handles are downloaded through kagglehub, then converted like a local
-    keras-hub preset directory.
+    handles are downloaded through kagglehub, `hf://` handles through
+    huggingface_hub, then converted like the local directories.
     """
     if isinstance(preset, str) and not os.path.exists(preset):
         if preset.startswith("kaggle://"):
             preset = presets.download_kaggle(preset)
+        elif preset.startswith("hf://"):
+            preset = presets.download_hf(preset)
         elif "://" not in preset:
             entry = presets.get_preset(preset)
             preset = presets.download_kaggle(entry["kaggle_handle"])

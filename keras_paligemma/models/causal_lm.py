@@ -225,7 +225,9 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
         """Load the model with its preprocessor from a preset.
 
         `preset` is a name from `presets` (downloaded from Kaggle through
-        kagglehub and cached), a `kaggle://` handle, one of our preset
+        kagglehub and cached), a `kaggle://` handle, an `hf://org/repo`
+        transformers repository (downloaded through huggingface_hub and
+        cached), one of our preset
         directories, a keras-hub PaliGemma
         preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
         transformers checkpoint directory (`config.json` +
