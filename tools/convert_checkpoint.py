@@ -3,6 +3,7 @@
     # transformers checkpoint directory or keras-hub preset -> our preset
     python tools/convert_checkpoint.py --from hf path/to/hf_dir --to my_preset
     python tools/convert_checkpoint.py --from keras_hub path/to/kaggle_preset --to my_preset
+    python tools/convert_checkpoint.py --from big_vision paligemma.npz --to my_preset
     # our preset -> transformers layout (config.json + model.safetensors)
     python tools/convert_checkpoint.py --from ours my_preset --to hf_dir --to-format hf
 
@@ -21,9 +22,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--from", dest="source_format", required=True,
-        choices=("hf", "keras_hub", "ours"),
+        choices=("hf", "keras_hub", "big_vision", "ours"),
     )
-    parser.add_argument("source", help="Source directory.")
+    parser.add_argument("source", help="Source directory (a .npz for big_vision).")
     parser.add_argument("--to", required=True, help="Target directory.")
     parser.add_argument(
         "--to-format", choices=("ours", "hf"), default="ours",
@@ -31,8 +32,8 @@ def main(argv=None):
     )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.source):
-        raise SystemExit(f"error: {args.source!r}: no such directory.")
+    if not os.path.exists(args.source):
+        raise SystemExit(f"error: {args.source!r}: no such file or directory.")
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from keras_paligemma import PaliGemmaBackbone
@@ -54,6 +55,10 @@ def main(argv=None):
             model = transformers_checkpoint.load_causal_lm(args.source)
         else:
             model = transformers_checkpoint.load_backbone(args.source)
+    elif args.source_format == "big_vision":
+        from keras_paligemma.checkpoints import big_vision
+
+        model = big_vision.load_backbone(args.source)
     elif args.source_format == "keras_hub":
         model = keras_hub_checkpoint.load_causal_lm(args.source)
     else:

@@ -9,6 +9,7 @@ presets) goes to keras-hub's preset loader as usual.
 import os
 
 from keras_paligemma import presets
+from keras_paligemma.checkpoints import big_vision as big_vision_checkpoint
 from keras_paligemma.checkpoints import keras_hub as keras_hub_checkpoint
 from keras_paligemma.checkpoints import transformers as transformers_checkpoint
 
@@ -28,6 +29,13 @@ def load_foreign(kind, preset, dtype=None):
         elif "://" not in preset:
             entry = presets.get_preset(preset)
             preset = presets.download_kaggle(entry["kaggle_handle"])
+    if str(preset).endswith(".npz") and os.path.isfile(preset):
+        if kind != "backbone":
+            raise ValueError(
+                "A big_vision .npz holds weights only: load it with "
+                "`PaliGemmaBackbone.from_preset` and add a preprocessor."
+            )
+        return big_vision_checkpoint.load_backbone(preset, dtype=dtype)
     if not isinstance(preset, (str, os.PathLike)) or not os.path.isdir(preset):
         return None
     if keras_hub_checkpoint.is_keras_hub_preset(preset):

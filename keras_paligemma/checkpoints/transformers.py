@@ -99,9 +99,16 @@ def read_tensors(checkpoint_dir):
             "transformers PaliGemma checkpoint directory."
         )
     for filename in files:
-        with safe_open(os.path.join(checkpoint_dir, filename), "pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).float().numpy()
+        path = os.path.join(checkpoint_dir, filename)
+        try:
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).float().numpy()
+        except Exception as error:  # safetensors raises its own kinds.
+            raise ValueError(
+                f"`{path}` is truncated or corrupted: {type(error).__name__}: "
+                f"{error}"
+            ) from error
 
 
 def _canonical_name(name):

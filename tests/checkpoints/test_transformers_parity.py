@@ -197,3 +197,16 @@ def test_export_back_to_transformers(generation, tmp_path):
     again = load_backbone(target)
     for a, b in zip(again.weights, backbone.weights):
         np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    reference = oracle.tiny_model(1)
+    directory = str(tmp_path / "hf")
+    reference.save_pretrained(directory)
+    path = f"{directory}/model.safetensors"
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_backbone(directory)
