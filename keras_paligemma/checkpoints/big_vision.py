@@ -3,7 +3,8 @@
 big_vision stores parameters under `/`-joined names (`img/...`, `llm/...`,
 optionally behind `params/`), with the layers of each tower stacked on a
 leading axis; bfloat16 arrays come back from `np.load` as 2-byte voids and
-are viewed as bfloat16. The architecture is read off the shapes; the few
+are viewed as bfloat16. Arrays are read one at a time, so converting holds
+the model plus one checkpoint array. The architecture is read off the shapes; the few
 settings shapes cannot tell (the query scaling of Gemma 2) come from the
 matching official decoder, or from the arguments.
 
@@ -23,27 +24,48 @@ VISION = "img/Transformer/encoderblock/"
 ATTENTION = VISION + "MultiHeadDotProductAttention_0/"
 
 
-def read_npz(path):
-    """`{name: float32 array}` of a big_vision `.npz`, `params/` stripped."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(
-            f"`{path}` is not a readable big_vision .npz file (truncated or "
-            f"corrupted?): {error}"
-        ) from error
-    with data:
-        arrays = {}
-        for name in data.files:
-            try:
-                value = data[name]
-            except Exception as error:  # zipfile/zlib errors on truncation.
-                raise ValueError(
-                    f"`{path}` is truncated or corrupted (reading `{name}` "
-                    f"failed: {error})."
-                ) from error
-            arrays[name.removeprefix("params/")] = as_float32(value)
-    return arrays
+class NpzReader:
+    """Reads a big_vision `.npz` one array at a time.
+
+    `shapes` comes from the `.npy` headers alone; `load(name)` reads and
+    converts one array (float32; 2-byte voids are bfloat16), so converting
+    holds about one checkpoint array in memory besides the model.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.shapes = {}
+        self._members = {}
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    name = info.filename.removesuffix(".npy")
+                    with archive.open(info) as f:
+                        version = np.lib.format.read_magic(f)
+                        if version == (1, 0):
+                            header = np.lib.format.read_array_header_1_0(f)
+                        else:
+                            header = np.lib.format.read_array_header_2_0(f)
+                    key = name.removeprefix("params/")
+                    self.shapes[key] = header[0]
+                    self._members[key] = name
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"`{path}` is not a readable big_vision .npz file (truncated "
+                f"or corrupted?): {error}"
+            ) from error
+
+    def load(self, key):
+        if key not in self._members:
+            raise KeyError(key)
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                return as_float32(data[self._members[key]])
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"`{self.path}` is truncated or corrupted (reading `{key}` "
+                f"failed: {error})."
+            ) from error
 
 
 def as_float32(value):
@@ -55,29 +77,32 @@ def as_float32(value):
     return np.asarray(value, dtype="float32")
 
 
-def backbone_config(arrays, query_pre_attn_scalar=None, sliding_window=None):
-    """`PaliGemmaBackbone` keyword arguments read off the parameter shapes."""
+def backbone_config(shapes, query_pre_attn_scalar=None, sliding_window=None):
+    """`PaliGemmaBackbone` keyword arguments read off the parameter shapes.
+
+    `shapes` maps big_vision names (without `params/`) to shapes.
+    """
     from keras_paligemma.presets import _DECODERS
 
-    patch = arrays["img/embedding/kernel"].shape[0]
-    positions = arrays["img/pos_embedding"].shape[-2]
-    vit_layers, vit_hidden, vit_heads, _ = arrays[ATTENTION + "query/kernel"].shape
-    num_layers, num_heads, hidden, head_dim = arrays["llm/layers/attn/q_einsum/w"].shape
-    gemma2 = "llm/layers/post_attention_norm/scale" in arrays
+    patch = shapes["img/embedding/kernel"][0]
+    positions = shapes["img/pos_embedding"][-2]
+    vit_layers, vit_hidden, vit_heads, _ = shapes[ATTENTION + "query/kernel"]
+    num_layers, num_heads, hidden, head_dim = shapes["llm/layers/attn/q_einsum/w"]
+    gemma2 = "llm/layers/post_attention_norm/scale" in shapes
     config = dict(
-        vocabulary_size=arrays["llm/embedder/input_embedding"].shape[0],
+        vocabulary_size=shapes["llm/embedder/input_embedding"][0],
         image_size=int(round(positions**0.5)) * patch,
         num_layers=num_layers,
         num_query_heads=num_heads,
-        num_key_value_heads=arrays["llm/layers/attn/kv_einsum/w"].shape[2],
+        num_key_value_heads=shapes["llm/layers/attn/kv_einsum/w"][2],
         hidden_dim=hidden,
-        ffw_hidden_dim=arrays["llm/layers/mlp/linear"].shape[1],
+        ffw_hidden_dim=shapes["llm/layers/mlp/linear"][1],
         head_dim=head_dim,
         vit_patch_size=patch,
         vit_num_heads=vit_heads,
         vit_hidden_dim=vit_hidden,
         vit_num_layers=vit_layers,
-        vit_intermediate_dim=arrays[VISION + "MlpBlock_0/Dense_0/kernel"].shape[-1],
+        vit_intermediate_dim=shapes[VISION + "MlpBlock_0/Dense_0/kernel"][-1],
     )
     if gemma2:
         if query_pre_attn_scalar is None:
@@ -99,64 +124,80 @@ def backbone_config(arrays, query_pre_attn_scalar=None, sliding_window=None):
     return config
 
 
-def _assignments(arrays, config):
-    """`(our path, array, big_vision name)` for every backbone variable."""
-    def get(name):
-        return arrays[name], name
+def _conversions(config):
+    """`(big_vision name, convert)`; `convert(array)` lists `(path, value)`."""
+    def per_layer(template, transform=lambda v: v):
+        return lambda stacked: [
+            (template.format(i), transform(layer)) for i, layer in enumerate(stacked)
+        ]
 
-    value, name = get("img/embedding/kernel")
-    yield "vision_encoder/patch_embedding/kernel", value, name
-    value, name = get("img/embedding/bias")
-    yield "vision_encoder/patch_embedding/bias", value, name
-    value, name = get("img/pos_embedding")
-    yield "vision_encoder/position_embedding", value.reshape(value.shape[-2:]), name
-    for kind, ours in (("scale", "gamma"), ("bias", "beta")):
-        value, name = get(f"img/Transformer/encoder_norm/{kind}")
-        yield f"vision_encoder/encoder_norm/{ours}", value, name
-    for kind in ("kernel", "bias"):
-        value, name = get(f"img/head/{kind}")
-        yield f"vision_encoder/projector/{kind}", value, name
-    for i in range(config["vit_num_layers"]):
-        block = f"vision_encoder/block_{i}/"
-        for norm, ours in (("LayerNorm_0", "attention_norm"), ("LayerNorm_1", "mlp_norm")):
-            for kind, variable in (("scale", "gamma"), ("bias", "beta")):
-                value, name = get(f"{VISION}{norm}/{kind}")
-                yield f"{block}{ours}/{variable}", value[i], name
-        for layer in ("query", "key", "value"):
-            for kind in ("kernel", "bias"):
-                value, name = get(f"{ATTENTION}{layer}/{kind}")
-                yield f"{block}{layer}/{kind}", value[i], name
+    def single(path, transform=lambda v: v):
+        return lambda value: [(path, transform(value))]
+
+    vit = "vision_encoder/block_{}/"
+    table = [
+        ("img/embedding/kernel", single("vision_encoder/patch_embedding/kernel")),
+        ("img/embedding/bias", single("vision_encoder/patch_embedding/bias")),
+        ("img/pos_embedding", single(
+            "vision_encoder/position_embedding", lambda v: v.reshape(v.shape[-2:]))),
+        ("img/Transformer/encoder_norm/scale", single("vision_encoder/encoder_norm/gamma")),
+        ("img/Transformer/encoder_norm/bias", single("vision_encoder/encoder_norm/beta")),
+        ("img/head/kernel", single("vision_encoder/projector/kernel")),
+        ("img/head/bias", single("vision_encoder/projector/bias")),
+    ]
+    for norm, ours in (("LayerNorm_0", "attention_norm"), ("LayerNorm_1", "mlp_norm")):
+        for kind, variable in (("scale", "gamma"), ("bias", "beta")):
+            table.append((f"{VISION}{norm}/{kind}", per_layer(f"{vit}{ours}/{variable}")))
+    for layer, ours in (("query", "query"), ("key", "key"), ("value", "value"),
+                        ("out", "attention_output")):
         for kind in ("kernel", "bias"):
-            value, name = get(f"{ATTENTION}out/{kind}")
-            yield f"{block}attention_output/{kind}", value[i], name
-            for dense, ours in (("Dense_0", "mlp_in"), ("Dense_1", "mlp_out")):
-                value, name = get(f"{VISION}MlpBlock_0/{dense}/{kind}")
-                yield f"{block}{ours}/{kind}", value[i], name
+            table.append((f"{ATTENTION}{layer}/{kind}", per_layer(f"{vit}{ours}/{kind}")))
+    for dense, ours in (("Dense_0", "mlp_in"), ("Dense_1", "mlp_out")):
+        for kind in ("kernel", "bias"):
+            table.append((f"{VISION}MlpBlock_0/{dense}/{kind}", per_layer(f"{vit}{ours}/{kind}")))
 
-    value, name = get("llm/embedder/input_embedding")
-    yield "token_embedding/embeddings", value, name
-    value, name = get("llm/final_norm/scale")
-    yield "final_norm/scale", value, name
+    block = "decoder_block_{}/"
+
+    def heads_first(v):  # (N, D, H) -> (D, N, H)
+        return v.transpose(1, 0, 2)
+
+    def key_and_value(stacked):  # (L, 2, K, D, H)
+        return [
+            (f"decoder_block_{i}/attention/{name}/kernel", heads_first(layer[j]))
+            for i, layer in enumerate(stacked)
+            for j, name in enumerate(("key", "value"))
+        ]
+
+    def gate_and_up(stacked):  # (L, 2, D, F)
+        return [
+            (f"decoder_block_{i}/{name}/kernel", layer[j])
+            for i, layer in enumerate(stacked)
+            for j, name in enumerate(("gate", "up"))
+        ]
+
+    table += [
+        ("llm/embedder/input_embedding", single("token_embedding/embeddings")),
+        ("llm/final_norm/scale", single("final_norm/scale")),
+        ("llm/layers/attn/q_einsum/w", per_layer(f"{block}attention/query/kernel", heads_first)),
+        ("llm/layers/attn/kv_einsum/w", key_and_value),
+        ("llm/layers/attn/attn_vec_einsum/w",
+         per_layer(f"{block}attention/attention_output/kernel")),
+        ("llm/layers/mlp/gating_einsum", gate_and_up),
+        ("llm/layers/mlp/linear", per_layer(f"{block}down/kernel")),
+    ]
     norms = ["pre_attention_norm", "pre_ffw_norm"]
     if config.get("use_post_norms"):
         norms += ["post_attention_norm", "post_ffw_norm"]
-    for i in range(config["num_layers"]):
-        block = f"decoder_block_{i}/"
-        for norm in norms:
-            value, name = get(f"llm/layers/{norm}/scale")
-            yield f"{block}{norm}/scale", value[i], name
-        value, name = get("llm/layers/attn/q_einsum/w")  # (L, N, D, H)
-        yield f"{block}attention/query/kernel", value[i].transpose(1, 0, 2), name
-        value, name = get("llm/layers/attn/kv_einsum/w")  # (L, 2, K, D, H)
-        yield f"{block}attention/key/kernel", value[i, 0].transpose(1, 0, 2), name
-        yield f"{block}attention/value/kernel", value[i, 1].transpose(1, 0, 2), name
-        value, name = get("llm/layers/attn/attn_vec_einsum/w")  # (L, N, H, D)
-        yield f"{block}attention/attention_output/kernel", value[i], name
-        value, name = get("llm/layers/mlp/gating_einsum")  # (L, 2, D, F)
-        yield f"{block}gate/kernel", value[i, 0], name
-        yield f"{block}up/kernel", value[i, 1], name
-        value, name = get("llm/layers/mlp/linear")  # (L, F, D)
-        yield f"{block}down/kernel", value[i], name
+    for norm in norms:
+        table.append((f"llm/layers/{norm}/scale", per_layer(f"{block}{norm}/scale")))
+    return table
+
+
+def _assignments(reader, config):
+    """`(our path, array, big_vision name)`, one checkpoint array at a time."""
+    for name, convert in _conversions(config):
+        for path, value in convert(reader.load(name)):
+            yield path, value, name
 
 
 def load_backbone(path, dtype=None, query_pre_attn_scalar=None, sliding_window=None):
@@ -173,11 +214,11 @@ def load_backbone(path, dtype=None, query_pre_attn_scalar=None, sliding_window=N
     """
     from keras_paligemma.models.backbone import PaliGemmaBackbone
 
-    arrays = read_npz(path)
+    reader = NpzReader(path)
     try:
-        config = backbone_config(arrays, query_pre_attn_scalar, sliding_window)
+        config = backbone_config(reader.shapes, query_pre_attn_scalar, sliding_window)
         backbone = PaliGemmaBackbone(**config, dtype=dtype)
-        assign_weights(backbone, _assignments(arrays, config))
+        assign_weights(backbone, _assignments(reader, config))
     except KeyError as error:
         raise ValueError(
             f"`{path}` is missing the big_vision parameter {error}."

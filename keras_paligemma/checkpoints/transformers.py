@@ -86,8 +86,13 @@ def _sliding_window(text):
     return window
 
 
-def read_tensors(checkpoint_dir):
-    """Yield `(name, float32 numpy array)` for every checkpoint tensor."""
+def read_tensors(checkpoint_dir, progress=True):
+    """Yield `(name, float32 numpy array)` for every checkpoint tensor.
+
+    One tensor is in memory at a time; `progress` shows a Keras progress
+    bar over the tensors.
+    """
+    import keras
     from safetensors import safe_open
 
     files = sorted(
@@ -98,17 +103,38 @@ def read_tensors(checkpoint_dir):
             f"No `*.safetensors` file in `{checkpoint_dir}`: expected a "
             "transformers PaliGemma checkpoint directory."
         )
-    for filename in files:
-        path = os.path.join(checkpoint_dir, filename)
-        try:
-            with safe_open(path, "pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name).float().numpy()
-        except Exception as error:  # safetensors raises its own kinds.
-            raise ValueError(
-                f"`{path}` is truncated or corrupted: {type(error).__name__}: "
-                f"{error}"
-            ) from error
+    paths = [os.path.join(checkpoint_dir, f) for f in files]
+    bar = None
+    if progress:
+        total = 0
+        for path in paths:
+            with _opened(path, safe_open) as f:
+                total += len(f.keys())
+        bar = keras.utils.Progbar(total, unit_name="tensor")
+    for path in paths:
+        with _opened(path, safe_open) as f:
+            for name in f.keys():
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as error:
+                    raise ValueError(
+                        f"`{path}` is truncated or corrupted (reading `{name}`"
+                        f" failed: {error})."
+                    ) from error
+                yield name, tensor.float().numpy()
+                if bar is not None:
+                    bar.add(1)
+
+
+def _opened(path, safe_open):
+    """`safe_open(path)`, with a clear error for unreadable files."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as error:  # safetensors raises its own kinds.
+        raise ValueError(
+            f"`{path}` is truncated or corrupted: {type(error).__name__}: "
+            f"{error}"
+        ) from error
 
 
 def _canonical_name(name):
