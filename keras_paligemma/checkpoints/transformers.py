@@ -74,6 +74,8 @@ def _sliding_window(text):
     layer_types = text.get("layer_types")
     if window is None or layer_types is None:
         return window
+    if all(kind == "full_attention" for kind in layer_types):
+        return None
     expected = [
         "sliding_attention" if i % 2 == 0 else "full_attention"
         for i in range(len(layer_types))

@@ -210,3 +210,19 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         f.write(data[: len(data) // 3])
     with pytest.raises(ValueError, match="model.safetensors"):
         load_backbone(directory)
+
+
+def test_full_attention_gemma2_round_trips_through_transformers(tmp_path):
+    from conftest import TINY_PRESET
+    from keras_paligemma import PaliGemmaBackbone
+    from keras_paligemma.checkpoints.transformers_export import export_transformers
+
+    backbone = PaliGemmaBackbone.from_preset(TINY_PRESET)
+    assert backbone.sliding_window is None and backbone.use_post_norms
+    target = str(tmp_path / "hf")
+    export_transformers(backbone, target)
+    again = load_backbone(target)
+    assert again.get_config() == {**backbone.get_config(), "name": again.name}
+    by_path = {v.path: ops.convert_to_numpy(v) for v in backbone.weights}
+    for variable in again.weights:
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable), by_path[variable.path])
