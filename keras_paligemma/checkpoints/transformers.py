@@ -14,6 +14,9 @@ Example (with a directory written by transformers' `save_pretrained`):
 
 import json
 import os
+import struct
+
+import numpy as np
 
 from keras_paligemma.checkpoints.common import assign_weights
 from keras_paligemma.checkpoints.common import causal_lm_with
@@ -88,14 +91,38 @@ def _sliding_window(text):
     return window
 
 
+_SAFETENSORS_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+}
+
+
+def _safetensors_header(path):
+    """`(data start offset, {name: entry})` of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise ValueError(
+            f"`{path}` is truncated or corrupted: cannot read its header "
+            f"({error})."
+        ) from error
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
 def read_tensors(checkpoint_dir, progress=True):
     """Yield `(name, float32 numpy array)` for every checkpoint tensor.
 
-    One tensor is in memory at a time; `progress` shows a Keras progress
-    bar over the tensors.
+    Each tensor is read from disk with plain reads (no memory map), so only
+    the model and one tensor are in memory; `progress` shows a Keras
+    progress bar over the tensors.
     """
     import keras
-    from safetensors import safe_open
+    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16")
 
     files = sorted(
         f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors")
@@ -105,38 +132,33 @@ def read_tensors(checkpoint_dir, progress=True):
             f"No `*.safetensors` file in `{checkpoint_dir}`: expected a "
             "transformers PaliGemma checkpoint directory."
         )
-    paths = [os.path.join(checkpoint_dir, f) for f in files]
+    headers = [_safetensors_header(os.path.join(checkpoint_dir, f)) for f in files]
     bar = None
     if progress:
-        total = 0
-        for path in paths:
-            with _opened(path, safe_open) as f:
-                total += len(f.keys())
-        bar = keras.utils.Progbar(total, unit_name="tensor")
-    for path in paths:
-        with _opened(path, safe_open) as f:
-            for name in f.keys():
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as error:
+        bar = keras.utils.Progbar(sum(len(h) for _, h in headers), unit_name="tensor")
+    for filename, (start, header) in zip(files, headers):
+        path = os.path.join(checkpoint_dir, filename)
+        with open(path, "rb") as f:
+            for name, entry in header.items():
+                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
                     raise ValueError(
-                        f"`{path}` is truncated or corrupted (reading `{name}`"
-                        f" failed: {error})."
-                    ) from error
-                yield name, tensor.float().numpy()
+                        f"`{path}`: tensor `{name}` has unsupported dtype "
+                        f"{entry['dtype']}."
+                    )
+                begin, finish = entry["data_offsets"]
+                f.seek(start + begin)
+                data = f.read(finish - begin)
+                if len(data) != finish - begin:
+                    raise ValueError(
+                        f"`{path}` is truncated or corrupted: tensor `{name}` "
+                        f"needs {finish - begin} bytes, the file has "
+                        f"{len(data)}."
+                    )
+                array = np.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+                yield name, array.astype("float32")
                 if bar is not None:
                     bar.add(1)
-
-
-def _opened(path, safe_open):
-    """`safe_open(path)`, with a clear error for unreadable files."""
-    try:
-        return safe_open(path, "pt")
-    except Exception as error:  # safetensors raises its own kinds.
-        raise ValueError(
-            f"`{path}` is truncated or corrupted: {type(error).__name__}: "
-            f"{error}"
-        ) from error
 
 
 def _canonical_name(name):
