@@ -168,3 +168,34 @@ class PresetTable:
 
     def __get__(self, instance, owner):
         return dict(PRESETS)
+
+
+class PresetLoading:
+    """Mixin giving a model class the registry and foreign-format loading.
+
+    Set `preset_kind` to `"backbone"` or `"causal_lm"`.
+    """
+
+    presets = PresetTable()
+    preset_kind = None
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Load from a preset name, handle, directory or file.
+
+        `preset` is a name from `presets` (downloaded from Kaggle through
+        kagglehub and cached), a `kaggle://` handle, an `hf://org/repo`
+        transformers repository (downloaded through huggingface_hub and
+        cached), one of our preset directories, a keras-hub PaliGemma
+        preset directory (e.g. a Kaggle `keras/paligemma*` download), a
+        transformers checkpoint directory (`config.json` + `*.safetensors`;
+        the causal LM also needs `tokenizer.model`), or (backbone only) a
+        big_vision `.npz` file. Foreign formats are converted on the fly.
+        Other keyword arguments go to keras-hub's loader.
+        """
+        from keras_paligemma.checkpoints.dispatch import load_foreign
+
+        model = load_foreign(cls.preset_kind, preset, dtype=kwargs.get("dtype"))
+        if model is not None:
+            return model
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)

@@ -9,11 +9,11 @@ from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.vision_encoder import VisionEncoder
 from keras_paligemma.models.preset_dir import check_preset_dir
-from keras_paligemma.presets import PresetTable
+from keras_paligemma.presets import PresetLoading
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
-class PaliGemmaBackbone(keras_hub.models.Backbone):
+class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
     """The PaliGemma (1 and 2) network, from pixels and tokens to hidden states.
 
     The image is encoded into `num_image_tokens` embeddings, which are put
@@ -73,6 +73,8 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
     >>> tuple(hidden.shape)
     (1, 4, 16)
     """
+
+    preset_kind = "backbone"
 
     def __init__(
         self,
@@ -319,30 +321,6 @@ class PaliGemmaBackbone(keras_hub.models.Backbone):
         if cache is None:
             return x
         return x, ops.stack(new_caches, axis=1)
-
-    presets = PresetTable()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Load the backbone from a preset.
-
-        `preset` is a name from `presets` (downloaded from Kaggle through
-        kagglehub and cached), a `kaggle://` handle, an `hf://org/repo`
-        transformers repository (downloaded through huggingface_hub and
-        cached), one of our preset
-        directories, a keras-hub PaliGemma
-        preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
-        transformers checkpoint directory (`config.json` +
-        `*.safetensors`); foreign
-        formats are converted on the fly. Other keyword arguments go to
-        keras-hub's loader.
-        """
-        from keras_paligemma.checkpoints.dispatch import load_foreign
-
-        model = load_foreign("backbone", preset, dtype=kwargs.get("dtype"))
-        if model is not None:
-            return model
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
         """Save the backbone config and weights as a loadable preset.

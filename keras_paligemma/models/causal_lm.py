@@ -7,12 +7,14 @@ from keras import ops
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
 from keras_paligemma.models.preset_dir import check_preset_dir
-from keras_paligemma.presets import PresetTable
+from keras_paligemma.presets import PresetLoading
 from keras_paligemma.models.task_methods import TaskMethods
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
-class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
+class PaliGemmaCausalLM(
+    TaskMethods, PresetLoading, keras_hub.models.CausalLM
+):
     """PaliGemma (1 or 2) for image + text to text generation.
 
     Calling the model on preprocessed inputs (`images`, `token_ids`,
@@ -63,6 +65,7 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
 
     backbone_cls = PaliGemmaBackbone
     preprocessor_cls = PaliGemmaCausalLMPreprocessor
+    preset_kind = "causal_lm"
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         images_per_example = getattr(preprocessor, "num_images", 1)
@@ -217,30 +220,6 @@ class PaliGemmaCausalLM(TaskMethods, keras_hub.models.CausalLM):
                 inside, ops.take_along_axis(keep, back, axis=1)
             ),
         }
-
-    presets = PresetTable()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Load the model with its preprocessor from a preset.
-
-        `preset` is a name from `presets` (downloaded from Kaggle through
-        kagglehub and cached), a `kaggle://` handle, an `hf://org/repo`
-        transformers repository (downloaded through huggingface_hub and
-        cached), one of our preset
-        directories, a keras-hub PaliGemma
-        preset directory (e.g. a Kaggle `keras/paligemma*` download), or a
-        transformers checkpoint directory (`config.json` +
-        `*.safetensors`, and `tokenizer.model` for the causal LM); foreign
-        formats are converted on the fly. Other keyword arguments go to
-        keras-hub's loader.
-        """
-        from keras_paligemma.checkpoints.dispatch import load_foreign
-
-        model = load_foreign("causal_lm", preset, dtype=kwargs.get("dtype"))
-        if model is not None:
-            return model
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
     def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
         """Save model, preprocessor and tokenizer as a loadable preset.
