@@ -155,8 +155,9 @@ def read_tensors(checkpoint_dir, progress=True):
                         f"needs {finish - begin} bytes, the file has "
                         f"{len(data)}."
                     )
-                array = np.frombuffer(data, dtype=dtype).reshape(entry["shape"])
-                yield name, array.astype("float32")
+                array = np.frombuffer(data, dtype=dtype).astype("float32")
+                del data  # Hold only the float32 copy while it is assigned.
+                yield name, array.reshape(entry["shape"])
                 if bar is not None:
                     bar.add(1)
 
