@@ -322,6 +322,22 @@ class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
             return x
         return x, ops.stack(new_caches, axis=1)
 
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A `keras.distribution.LayoutMap` sharding this backbone's weights.
+
+        See `keras_paligemma.models.layout_map.backbone_layout_map`.
+        """
+        from keras_paligemma.models.layout_map import backbone_layout_map
+
+        return backbone_layout_map(
+            device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
+
     def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
         """Save the backbone config and weights as a loadable preset.
 

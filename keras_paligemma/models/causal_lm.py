@@ -107,6 +107,20 @@ class PaliGemmaCausalLM(
             **kwargs,
         )
 
+    def make_generate_function(self):
+        """The compiled generate function, rebuilt when the variables change.
+
+        `enable_lora()`, `merge_lora()` and freezing add, remove or move
+        variables; a function compiled before them would run the old model.
+        """
+        variables_now = tuple(
+            (id(variable), variable.trainable) for variable in self.variables
+        )
+        if getattr(self, "_generate_variables", None) != variables_now:
+            self.generate_function = None
+            self._generate_variables = variables_now
+        return super().make_generate_function()
+
     def generate_step(self, inputs, stop_token_ids=None):
         """Generate for one batch of preprocessed inputs.
 
