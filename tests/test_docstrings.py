@@ -18,6 +18,8 @@ MODULES = [
     "keras_paligemma.models.image_converter",
     "keras_paligemma.models.preprocessor",
     "keras_paligemma.models.causal_lm",
+    "keras_paligemma.models.fine_tuning",
+    "keras_paligemma.models.layout_map",
     "keras_paligemma.outputs.detection",
     "keras_paligemma.outputs.segmentation",
     "keras_paligemma.outputs.mask_decoder",
