@@ -19,8 +19,8 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python -m keras_paligemma generate \
-		--preset presets/pali_gemma_tiny_random \
-		--image guides/images/shapes.png \
+		--preset presets/pali_gemma_shapes \
+		--image guides/images/shapes_demo.png \
 		--prompt "caption en"
 
 test: setup

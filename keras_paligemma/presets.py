@@ -198,4 +198,12 @@ class PresetLoading:
         model = load_foreign(cls.preset_kind, preset, dtype=kwargs.get("dtype"))
         if model is not None:
             return model
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        model = super().from_preset(preset, load_weights=load_weights, **kwargs)
+        backbone = model if cls.preset_kind == "backbone" else model.backbone
+        if load_weights and backbone.lora_enabled:
+            from keras_hub.src.utils.preset_utils import get_file
+
+            from keras_paligemma.models.fine_tuning import LORA_ADAPTERS_FILE
+
+            backbone.load_lora_weights(get_file(preset, LORA_ADAPTERS_FILE))
+        return model

@@ -8,12 +8,13 @@ from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
 from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.vision_encoder import VisionEncoder
+from keras_paligemma.models.fine_tuning import FineTuning
 from keras_paligemma.models.preset_dir import check_preset_dir
 from keras_paligemma.presets import PresetLoading
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
-class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
+class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
     """The PaliGemma (1 and 2) network, from pixels and tokens to hidden states.
 
     The image is encoded into `num_image_tokens` embeddings, which are put
@@ -56,6 +57,9 @@ class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
         rope_max_wavelength: RoPE base.
         dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`,
             `"mixed_bfloat16"`.
+        lora: `None`, or `enable_lora` arguments (`rank`, `lora_alpha`,
+            `targets`) to build the backbone with LoRA adapters, as a
+            saved LoRA preset does.
 
     Example:
 
@@ -100,6 +104,7 @@ class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
         layer_norm_epsilon=1e-6,
         rope_max_wavelength=10000,
         dtype=None,
+        lora=None,
         **kwargs,
     ):
         if query_pre_attn_scalar is None:
@@ -205,6 +210,8 @@ class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
         self.final_logit_softcap = final_logit_softcap
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
+        if lora:
+            self.enable_lora(**lora)
 
     def encode_images(self, images):
         """Image tokens `(batch, num_image_tokens, hidden_dim)`, in order.
@@ -350,7 +357,8 @@ class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
         # A task saving itself has checked the directory already.
         inside_task_save = getattr(self, "_saving_inside_task", False)
         check_preset_dir(preset_dir, overwrite or inside_task_save)
-        super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
+        with self.lora_kept_apart(preset_dir):
+            super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 
     def get_config(self):
         config = super().get_config()
@@ -377,6 +385,7 @@ class PaliGemmaBackbone(PresetLoading, keras_hub.models.Backbone):
                 "sliding_window": self.sliding_window,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "rope_max_wavelength": self.rope_max_wavelength,
+                "lora": self.lora_config,
             }
         )
         return config

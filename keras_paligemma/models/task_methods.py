@@ -28,6 +28,12 @@ class TaskMethods:
     them, and returns one result or a list of results accordingly.
     """
 
+    def _normalize_generate_inputs(self, inputs):
+        # keras-hub wraps single strings in place; never touch the caller's dict.
+        if isinstance(inputs, dict):
+            inputs = dict(inputs)
+        return super()._normalize_generate_inputs(inputs)
+
     def caption(self, images, lang="en", max_length=None):
         """Caption each image: the `caption {lang}` prompt."""
         return self._ask(images, f"caption {lang}", max_length)
