@@ -1,5 +1,6 @@
 """The shapes task: its data, a CI-sized fine-tuning run, the shipped preset."""
 
+import doctest
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import TINY_PRESET
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
+import plot_loss  # noqa: E402
 import shapes_task  # noqa: E402
 import train_shapes  # noqa: E402
 
@@ -46,6 +48,12 @@ def test_examples_are_self_consistent():
     assert tuple(image[5, 5]) == (255, 255, 255)
     with pytest.raises(ValueError, match="`task` must be one of"):
         shapes_task.make_example(np.random.default_rng(0), "count")
+
+
+@pytest.mark.parametrize("module", [shapes_task, plot_loss])
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_score_counts_exact_matches_and_box_overlap():

@@ -8,7 +8,10 @@
     python tools/convert_checkpoint.py --from ours my_preset --to hf_dir --to-format hf
 
 The target directory must be missing or empty unless --overwrite is given.
-Prints the time taken and the peak resident memory of the process.
+Sources are read one tensor at a time and our presets are written one
+block at a time (`keras_paligemma.checkpoints.weights_file.save_preset`),
+so the peak memory stays near one float32 copy of the model. Prints the
+time taken and the peak resident memory of the process.
 """
 
 import argparse
@@ -41,6 +44,7 @@ def main(argv=None):
     from keras_paligemma.checkpoints import keras_hub as keras_hub_checkpoint
     from keras_paligemma.checkpoints import transformers as transformers_checkpoint
     from keras_paligemma.checkpoints.transformers_export import export_transformers
+    from keras_paligemma.checkpoints.weights_file import save_preset
     from keras_paligemma.models.preset_dir import check_preset_dir
 
     try:
@@ -66,18 +70,25 @@ def main(argv=None):
             model = PaliGemmaCausalLM.from_preset(args.source)
         except (ValueError, FileNotFoundError):
             model = PaliGemmaBackbone.from_preset(args.source)
-    print(f"Writing {args.to} ({args.to_format}) ...", file=sys.stderr)
+    print(
+        f"Read in {time.perf_counter() - start:.1f} s; peak RSS so far "
+        f"{_peak_rss_mib():.0f} MiB. Writing {args.to} ({args.to_format}) ...",
+        file=sys.stderr,
+    )
     if args.to_format == "hf":
         backbone = getattr(model, "backbone", model)
         export_transformers(backbone, args.to, overwrite=args.overwrite)
     else:
-        model.save_to_preset(args.to, overwrite=args.overwrite)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        save_preset(model, args.to, overwrite=args.overwrite)
     print(
         f"Done in {time.perf_counter() - start:.1f} s; "
-        f"peak RSS {peak_mib:.0f} MiB.",
+        f"peak RSS {_peak_rss_mib():.0f} MiB.",
         file=sys.stderr,
     )
+
+
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 big_vision stores parameters under `/`-joined names (`img/...`, `llm/...`,
 optionally behind `params/`), with the layers of each tower stacked on a
 leading axis; bfloat16 arrays come back from `np.load` as 2-byte voids and
-are viewed as bfloat16. Arrays are read one at a time, so converting holds
-the model plus one checkpoint array. The architecture is read off the shapes; the few
+are viewed as bfloat16 (and stay bfloat16 until written into the model).
+Arrays are read one at a time, so converting holds the model plus one
+checkpoint array. The architecture is read off the shapes; the few
 settings shapes cannot tell (the query scaling of Gemma 2) come from the
 matching official decoder, or from the arguments.
 
@@ -27,9 +28,9 @@ ATTENTION = VISION + "MultiHeadDotProductAttention_0/"
 class NpzReader:
     """Reads a big_vision `.npz` one array at a time.
 
-    `shapes` comes from the `.npy` headers alone; `load(name)` reads and
-    converts one array (float32; 2-byte voids are bfloat16), so converting
-    holds about one checkpoint array in memory besides the model.
+    `shapes` comes from the `.npy` headers alone; `load(name)` reads one
+    array in its stored dtype (2-byte voids are viewed as bfloat16), so
+    converting holds about one checkpoint array in memory besides the model.
     """
 
     def __init__(self, path):
@@ -60,7 +61,7 @@ class NpzReader:
             raise KeyError(key)
         try:
             with np.load(self.path, allow_pickle=False) as data:
-                return as_float32(data[self._members[key]])
+                return with_bfloat16(data[self._members[key]])
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             raise ValueError(
                 f"`{self.path}` is truncated or corrupted (reading `{key}` "
@@ -68,13 +69,13 @@ class NpzReader:
             ) from error
 
 
-def as_float32(value):
-    """float32 copy of an array; 2-byte voids are read as bfloat16."""
+def with_bfloat16(value):
+    """The array itself, or a bfloat16 view of it if it holds 2-byte voids."""
     if value.dtype.kind == "V" and value.dtype.itemsize == 2:
         import ml_dtypes
 
-        value = value.view(ml_dtypes.bfloat16)
-    return np.asarray(value, dtype="float32")
+        return value.view(ml_dtypes.bfloat16)
+    return value
 
 
 def backbone_config(shapes, query_pre_attn_scalar=None, sliding_window=None):

@@ -1,8 +1,17 @@
 """What every checkpoint converter shares: checked assignment, task assembly."""
 
+from keras_paligemma.checkpoints.in_place import assign_in_place
+from keras_paligemma.checkpoints.in_place import release_freed_memory
+
 
 def assign_weights(backbone, assignments):
     """Assign converted arrays to the backbone's variables, checking all.
+
+    Arrays may be in any float dtype (bfloat16 checkpoints stay bfloat16
+    until written): each is converted block by block straight into its
+    variable (`assign_in_place`) and dropped, and the freed memory is
+    handed back (`release_freed_memory`), so loading holds the model plus
+    about one checkpoint tensor.
 
     Args:
         backbone: the `PaliGemmaBackbone` to fill.
@@ -29,7 +38,9 @@ def assign_weights(backbone, assignments):
                 f"expects {tuple(variable.shape)}, the checkpoint has "
                 f"{tuple(array.shape)}."
             )
-        variable.assign(array)
+        assign_in_place(variable, array)
+        del array  # Do not hold it while the next one is read.
+        release_freed_memory()
         assigned.add(path)
     missing = sorted(set(variables) - assigned)
     if missing:

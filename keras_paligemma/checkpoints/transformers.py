@@ -115,14 +115,15 @@ def _safetensors_header(path):
 
 
 def read_tensors(checkpoint_dir, progress=True):
-    """Yield `(name, float32 numpy array)` for every checkpoint tensor.
+    """Yield `(name, numpy array)` for every checkpoint tensor.
 
-    Each tensor is read from disk with plain reads (no memory map), so only
-    the model and one tensor are in memory; `progress` shows a Keras
-    progress bar over the tensors.
+    Arrays keep the file's dtype (bfloat16 stays bfloat16: half the memory
+    of float32; `assign_weights` converts them block by block). Each tensor
+    is read with plain reads (no memory map) and nothing keeps it once the
+    consumer drops it, so only the model and one tensor are in memory;
+    `progress` shows a Keras progress bar over the tensors.
     """
     import keras
-    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16")
 
     files = sorted(
         f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors")
@@ -140,26 +141,32 @@ def read_tensors(checkpoint_dir, progress=True):
         path = os.path.join(checkpoint_dir, filename)
         with open(path, "rb") as f:
             for name, entry in header.items():
-                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise ValueError(
-                        f"`{path}`: tensor `{name}` has unsupported dtype "
-                        f"{entry['dtype']}."
-                    )
-                begin, finish = entry["data_offsets"]
-                f.seek(start + begin)
-                data = f.read(finish - begin)
-                if len(data) != finish - begin:
-                    raise ValueError(
-                        f"`{path}` is truncated or corrupted: tensor `{name}` "
-                        f"needs {finish - begin} bytes, the file has "
-                        f"{len(data)}."
-                    )
-                array = np.frombuffer(data, dtype=dtype).astype("float32")
-                del data  # Hold only the float32 copy while it is assigned.
-                yield name, array.reshape(entry["shape"])
+                yield name, _read_tensor(f, path, start, name, entry)
                 if bar is not None:
                     bar.add(1)
+
+
+def _read_tensor(f, path, start, name, entry):
+    """One tensor of an open safetensors file, in its stored dtype."""
+    import ml_dtypes
+
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(
+            f"`{path}`: tensor `{name}` has unsupported dtype {entry['dtype']}."
+        )
+    if dtype == "bfloat16":
+        dtype = ml_dtypes.bfloat16
+    begin, finish = entry["data_offsets"]
+    f.seek(start + begin)
+    data = f.read(finish - begin)
+    if len(data) != finish - begin:
+        raise ValueError(
+            f"`{path}` is truncated or corrupted: tensor `{name}` needs "
+            f"{finish - begin} bytes, the file has {len(data)}."
+        )
+    # A read-only view of the bytes: no second copy.
+    return np.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
 
 def _canonical_name(name):

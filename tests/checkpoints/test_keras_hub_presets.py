@@ -104,14 +104,14 @@ def test_not_a_keras_hub_preset_is_refused():
 
 
 def test_shape_mismatch_names_the_variable(saved):
-    reference, _ = saved
+    reference, path = saved
     config = converter.backbone_config(reference.backbone.get_config())
     config["vocabulary_size"] += 1
     from keras_paligemma import PaliGemmaBackbone
 
     wrong = PaliGemmaBackbone(**config)
-    with pytest.raises(ValueError, match="token_embedding/embeddings"):
-        converter.copy_weights(reference.backbone, wrong, config)
+    with pytest.raises(ValueError, match=r"token_embedding/embeddings.*\(1473, 32\).*\(1472, 32\)"):
+        converter.load_weights(wrong, path, config)
 
 
 def test_28b_query_scaling_follows_the_config_not_keras_hub():
@@ -126,3 +126,47 @@ def test_28b_query_scaling_follows_the_config_not_keras_hub():
     assert config["query_pre_attn_scalar"] == 144
     config = converter.backbone_config({**TINY, **GEMMA2, "query_head_dim_normalize": True})
     assert config["query_pre_attn_scalar"] == TINY["head_dim"]
+
+
+def _keras_hub_backbone(dtype=None):
+    keras.utils.set_random_seed(3)
+    return keras_hub.models.PaliGemmaBackbone(**TINY, dtype=dtype)
+
+
+def test_sharded_and_bfloat16_presets_load(tmp_path):
+    import ml_dtypes
+
+    source = _keras_hub_backbone(dtype="bfloat16")
+    path = str(tmp_path / "sharded")
+    source.save_to_preset(path, max_shard_size=0.0001)
+    assert "model.weights.json" in os.listdir(path)
+    assert len(converter.weight_files(path)) > 1
+    ours = converter.load_backbone(path)
+    embedding = ops.convert_to_numpy(source.token_embedding.embeddings)
+    assert embedding.dtype == ml_dtypes.bfloat16
+    got = ops.convert_to_numpy(ours.token_embedding.embeddings)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, embedding.astype("float32"))
+
+
+def test_truncated_weights_file_is_named(tmp_path):
+    path = str(tmp_path / "preset")
+    _keras_hub_backbone().save_to_preset(path)
+    weights = os.path.join(path, "model.weights.h5")
+    with open(weights, "rb") as f:
+        data = f.read()
+    with open(weights, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.weights.h5"):
+        converter.load_backbone(path)
+
+
+def test_unknown_weight_is_refused():
+    with pytest.raises(ValueError, match="layers/unknown/vars/0"):
+        converter.our_variable("layers/unknown/vars/0", np.zeros(3), {})
+
+
+@pytest.mark.parametrize("extra", [{}, GEMMA2])
+def test_keras_hub_config_inverts_backbone_config(extra):
+    config = converter.backbone_config({**TINY, **extra})
+    assert converter.backbone_config(converter.keras_hub_config(config)) == config
