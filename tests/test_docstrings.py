@@ -19,6 +19,7 @@ MODULES = [
     "keras_paligemma.models.preprocessor",
     "keras_paligemma.models.causal_lm",
     "keras_paligemma.models.fine_tuning",
+    "keras_paligemma.models.generate_compile",
     "keras_paligemma.models.layout_map",
     "keras_paligemma.outputs.detection",
     "keras_paligemma.outputs.segmentation",

@@ -106,10 +106,14 @@ class DecoderAttention(keras.layers.Layer):
         )
         key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
         if cache is not None:
-            start = [0, cache_update_index, 0, 0]
-            key = ops.slice_update(cache[:, 0, ...], start, key)
-            value = ops.slice_update(cache[:, 1, ...], start, value)
-            cache = ops.stack([key, value], axis=1)
+            # One update of the stacked cache: on eager backends, where an
+            # update copies, that is one copy of the cache instead of three.
+            cache = ops.slice_update(
+                cache,
+                [0, 0, cache_update_index, 0, 0],
+                ops.stack([key, value], axis=1),
+            )
+            key, value = cache[:, 0], cache[:, 1]
         outputs = self._attend(query, key, value, attention_mask)
         outputs = self.output_dense(outputs)
         if cache is None:

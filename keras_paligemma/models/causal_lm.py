@@ -2,18 +2,21 @@
 
 import keras
 import keras_hub
+import numpy as np
 from keras import ops
 
 from keras_paligemma.models.backbone import PaliGemmaBackbone
+from keras_paligemma.models.fit_inputs import FitInputs
+from keras_paligemma.models.generate_compile import jax_generate_function
+from keras_paligemma.models.generate_compile import prompt_bucket
 from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
 from keras_paligemma.models.preset_dir import check_preset_dir
 from keras_paligemma.presets import PresetLoading
 from keras_paligemma.models.task_methods import TaskMethods
 
-
 @keras.saving.register_keras_serializable(package="keras_paligemma")
 class PaliGemmaCausalLM(
-    TaskMethods, PresetLoading, keras_hub.models.CausalLM
+    FitInputs, TaskMethods, PresetLoading, keras_hub.models.CausalLM
 ):
     """PaliGemma (1 or 2) for image + text to text generation.
 
@@ -28,17 +31,21 @@ class PaliGemmaCausalLM(
     image and prompt give a string, a batch a list. With `preprocessor=None`
     it takes and returns token ids. How it runs:
 
-    - The image is encoded and the whole prefix (image + prompt) is
-      prefilled once into a KV cache, then one token is decoded per step.
+    - The image is encoded and the prefix (image + prompt) is prefilled
+      once into a KV cache of `num_image_tokens + max_length` slots (the
+      longest prompt plus the answer budget), then one token is decoded
+      per step. Only the first `prompt_bucket(longest prompt)` text
+      columns are prefilled, not the whole text buffer.
     - Prompts of different lengths are right-aligned inside the cache
       (each row keeps its own positions), so every row of a batch gets
       exactly the tokens it gets alone, and the decode loop starts for all
       rows at the longest prompt. The answer budget is `max_length` (the
       packed text length) minus the longest prompt.
-    - JAX: one `jax.jit`-compiled function; TensorFlow: `tf.function` with
-      XLA (`jit_compile=True`); PyTorch: eager under `torch.no_grad()`.
-      Calls with the same batch size and `max_length` reuse the compiled
-      function whatever the prompt lengths.
+    - JAX: `jax.jit`; TensorFlow: `tf.function` with XLA
+      (`jit_compile=True`); PyTorch: eager under `torch.no_grad()`. One
+      function is compiled per batch size, `max_length` and prompt bucket
+      (1-32 tokens, 33-64, 65-128, ...): new prompt lengths inside a
+      bucket do not recompile.
     - Greedy by default; any keras-hub sampler works
       (`causal_lm.compile(sampler="top_k")`).
 
@@ -108,10 +115,16 @@ class PaliGemmaCausalLM(
         )
 
     def make_generate_function(self):
-        """The compiled generate function, rebuilt when the variables change.
+        """The generate function: bucketed prompts, compiled per bucket.
 
-        `enable_lora()`, `merge_lora()` and freezing add, remove or move
-        variables; a function compiled before them would run the old model.
+        Rebuilt when the variables change: `enable_lora()`, `merge_lora()`
+        and freezing add, remove or move variables, and a function compiled
+        before them would run the old model.
+
+        Each call measures its longest prompt and passes the bucket
+        (`prompt_bucket`) as the static `prefill_length` of
+        `generate_step`, so only that many text columns are prefilled and
+        new prompt lengths inside a bucket reuse the compiled function.
         """
         variables_now = tuple(
             (id(variable), variable.trainable) for variable in self.variables
@@ -119,7 +132,24 @@ class PaliGemmaCausalLM(
         if getattr(self, "_generate_variables", None) != variables_now:
             self.generate_function = None
             self._generate_variables = variables_now
-        return super().make_generate_function()
+        if self.generate_function is not None:
+            return self.generate_function
+        if keras.config.backend() == "jax" and not self.run_eagerly:
+            compiled = jax_generate_function(self)
+        else:
+            compiled = super().make_generate_function()
+
+        def generate_function(inputs, stop_token_ids=None):
+            padding_mask = ops.convert_to_numpy(inputs["padding_mask"])
+            longest = int(np.max(np.sum(padding_mask != 0, axis=-1)))
+            bucket = prompt_bucket(longest, padding_mask.shape[-1])
+            return compiled(
+                {**inputs, "prefill_length": bucket},
+                stop_token_ids=stop_token_ids,
+            )
+
+        self.generate_function = generate_function
+        return generate_function
 
     def generate_step(self, inputs, stop_token_ids=None):
         """Generate for one batch of preprocessed inputs.
@@ -127,7 +157,9 @@ class PaliGemmaCausalLM(
         Args:
             inputs: dict with `images`, right-padded `token_ids` and
                 `padding_mask` (and optionally `response_mask`, marking
-                forced answer tokens).
+                forced answer tokens, and `prefill_length`, a Python int
+                at least as large as every prompt: only that many text
+                columns are prefilled; without it, all of them are).
             stop_token_ids: tuple of ids that end a row, or `None`.
 
         Returns:
@@ -171,8 +203,13 @@ class PaliGemmaCausalLM(
         )
 
         # Prefill: encode the image once, fill the cache with the prefix.
+        # Columns past the prompts are left empty (masked) for the answer.
+        prefill_length = inputs.get("prefill_length") or length
         x = ops.concatenate(
-            [backbone.encode_images(images), backbone.embed_tokens(prompt)],
+            [
+                backbone.encode_images(images),
+                backbone.embed_tokens(prompt[:, :prefill_length]),
+            ],
             axis=1,
         )
         cache = ops.zeros(

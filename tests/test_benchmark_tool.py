@@ -1,0 +1,49 @@
+"""`tools/benchmark.py --small` runs end to end on the current backend."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import BACKEND
+from conftest import REPO
+
+
+def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
+    out = tmp_path / "benchmark.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
+         "--small", "--batches", "2", "--repeats", "1", "--new-tokens", "3",
+         "--json", str(out)],
+        env={**os.environ, "KERAS_BACKEND": BACKEND},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| ours | 2 |" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["backend"] == BACKEND
+    rows = {row["model"]: row for row in report["rows"]}
+    assert set(rows) == {"ours", "keras_hub", "transformers"}
+    # Same weights, greedy: the converters and the three models agree.
+    assert all(row["tokens_equal_ours"] for row in rows.values())
+    for row in rows.values():
+        for key in ("prefill_ms", "ttft_ms", "peak_rss_mb"):
+            assert row[key] > 0
+        assert math.isfinite(row["decode_ms_per_token"])
+    # One compilation per buffer length (1 and 3 new tokens); the shorter
+    # prompt reuses them. Nothing compiles on torch or in transformers.
+    expected = 0 if BACKEND == "torch" else 2
+    assert rows["ours"]["compilations"] == expected
+    assert rows["transformers"]["compilations"] == 0
+    metrics = {(r["metric"], r["batch"]) for r in report["ratios"]}
+    assert metrics == {("prefill", 2), ("ttft", 2), ("decode", 2)}
+    for entry in report["ratios"]:
+        assert entry["floor_ms"] > 0
+        for key in ("us_over_floor", "us_over_keras_hub", "us_over_transformers"):
+            assert math.isfinite(entry[key])
+            # Decode is a difference of two timings: at toy sizes it is
+            # noise and may come out negative.
+            assert entry["metric"] == "decode" or entry[key] > 0
