@@ -151,6 +151,17 @@ class PaliGemmaCausalLM(
         self.generate_function = generate_function
         return generate_function
 
+    def quantize(self, mode, **kwargs):
+        """Quantize the backbone's weights in place: `"int8"`, `"int4"`, ...
+
+        Weight-only quantization through Keras (`keras.Model.quantize`);
+        the preprocessor is left alone. Quantized models save to and load
+        from presets like float ones.
+        """
+        self.backbone.quantize(mode, **kwargs)
+        self.train_function = self.test_function = None
+        self.predict_function = None
+
     def generate_step(self, inputs, stop_token_ids=None):
         """Generate for one batch of preprocessed inputs.
 
