@@ -49,14 +49,10 @@ class FitInputs:
             or self.preprocessor.num_images != 1
         ):
             return x
+        # The same converter (resize, crop/pad settings), minus the scaling.
         converter = self.preprocessor.image_converter
-        pixels = type(converter)(
-            image_size=converter.image_size,
-            scale=1.0,
-            offset=0.0,
-            crop_to_aspect_ratio=converter.crop_to_aspect_ratio,
-            interpolation=converter.interpolation,
-            antialias=converter.antialias,
+        pixels = type(converter).from_config(
+            {**converter.get_config(), "scale": 1.0, "offset": 0.0}
         )
         return {**x, "images": keras.ops.convert_to_numpy(pixels(x["images"]))}
 
