@@ -83,11 +83,13 @@ class FineTuning:
             )
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"`rank` must be a positive int; got {rank!r}.")
-        targets = ["attention"] if targets is None else list(targets)
+        if targets is None:
+            targets = ["attention"]
         if isinstance(targets, str) or not targets:
             raise TypeError(
                 f"`targets` must be a non-empty list of names; got {targets!r}."
             )
+        targets = list(targets)
         layers = self._lora_target_layers(targets)
         self.trainable = True
         for layer in self._flatten_layers(include_self=False):

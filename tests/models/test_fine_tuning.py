@@ -101,6 +101,8 @@ def test_lora_targets_and_argument_errors():
     fresh = PaliGemmaBackbone.from_preset(TINY_PRESET)
     with pytest.raises(ValueError, match="Unknown LoRA targets.*'mlp'"):
         fresh.enable_lora(2, targets=["attention", "mlp"])
+    with pytest.raises(TypeError, match="`targets` must be a non-empty list"):
+        fresh.enable_lora(2, targets="attention")
     with pytest.raises(ValueError, match="`rank` must be a positive int"):
         fresh.enable_lora(0)
     with pytest.raises(ValueError, match="needs `enable_lora"):
