@@ -6,6 +6,25 @@ from keras import ops
 from keras_paligemma.layers.rotary import apply_rotary_embedding
 
 
+def write_into_cache(cache, keys_values, index):
+    """`cache` with `keys_values` written at slot `index`, without a copy.
+
+    `cache` is one layer's `(batch, 2, slots, kv_heads, head_dim)`. Under
+    XLA (JAX, TensorFlow) the update of a loop-carried buffer happens in
+    place. Keras' `slice_update` clones the whole tensor on PyTorch, so
+    there, outside autograd (generation), the slots are written in place:
+    the caller owns the cache and never reads the old value again.
+    """
+    if keras.config.backend() == "torch":
+        import torch
+
+        if not torch.is_grad_enabled():
+            length = keys_values.shape[2]
+            cache.narrow(2, int(index), length).copy_(keys_values)
+            return cache
+    return ops.slice_update(cache, [0, 0, index, 0, 0], keys_values)
+
+
 class DecoderAttention(keras.layers.Layer):
     """Grouped-query attention with RoPE, optional soft-cap and a KV cache.
 
@@ -106,12 +125,8 @@ class DecoderAttention(keras.layers.Layer):
         )
         key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
         if cache is not None:
-            # One update of the stacked cache: on eager backends, where an
-            # update copies, that is one copy of the cache instead of three.
-            cache = ops.slice_update(
-                cache,
-                [0, 0, cache_update_index, 0, 0],
-                ops.stack([key, value], axis=1),
+            cache = write_into_cache(
+                cache, ops.stack([key, value], axis=1), cache_update_index
             )
             key, value = cache[:, 0], cache[:, 1]
         outputs = self._attend(query, key, value, attention_mask)

@@ -284,8 +284,9 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
             x: `(batch, queries, hidden_dim)` embeddings.
             valid, response, positions: `(batch, keys)`, see
                 `prefix_lm_attention_mask`.
-            cache: `None`, or `(batch, num_layers, 2, keys, kv_heads,
-                head_dim)` keys and values.
+            cache: `None`, or one `(batch, 2, keys, kv_heads, head_dim)`
+                tensor of keys and values per layer (a tuple): each layer
+                updates its own, so a step never copies the whole cache.
             cache_update_index: index of the first query among the keys.
 
         Returns:
@@ -320,14 +321,14 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
                     x,
                     mask,
                     query_positions,
-                    cache=cache[:, i],
+                    cache=cache[i],
                     cache_update_index=cache_update_index,
                 )
                 new_caches.append(layer_cache)
         x = self.final_norm(x)
         if cache is None:
             return x
-        return x, ops.stack(new_caches, axis=1)
+        return x, tuple(new_caches)
 
     @staticmethod
     def get_layout_map(

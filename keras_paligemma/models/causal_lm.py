@@ -11,6 +11,8 @@ from keras_paligemma.models.generate_compile import jax_generate_function
 from keras_paligemma.models.generate_compile import prompt_bucket
 from keras_paligemma.models.preprocessor import PaliGemmaCausalLMPreprocessor
 from keras_paligemma.models.preset_dir import check_preset_dir
+from keras_paligemma.models.shared_images import prompt_groups
+from keras_paligemma.models.shared_images import regroup
 from keras_paligemma.presets import PresetLoading
 from keras_paligemma.models.task_methods import TaskMethods
 
@@ -28,8 +30,10 @@ class PaliGemmaCausalLM(
     `generate()` takes `{"images", "prompts"}` (optionally `"responses"` to
     force the start of the answer) and returns `prompt + answer` strings
     like keras-hub (`strip_prompt=True` returns the answer alone); a single
-    image and prompt give a string, a batch a list. With `preprocessor=None`
-    it takes and returns token ids. How it runs:
+    image and prompt give a string, a batch a list. Several prompts about
+    one image (a list of prompts with one image, or one list of prompts per
+    image, answered in the same nesting) encode each image once. With
+    `preprocessor=None` it takes and returns token ids. How it runs:
 
     - The image is encoded and the prefix (image + prompt) is prefilled
       once into a KV cache of `num_image_tokens + max_length` slots (the
@@ -189,6 +193,14 @@ class PaliGemmaCausalLM(
             images = ops.expand_dims(images, 0)
         image_mask = inputs.get("image_mask")
         batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        # Several prompts per image: each image is encoded once, and every
+        # prompt row reads its image's tokens (`image_index`; one image for
+        # a whole batch of prompts needs no index).
+        image_index = inputs.get("image_index")
+        if image_index is None and ops.shape(images)[0] != batch_size:
+            image_index = ops.zeros((batch_size,), "int32")
+        if image_index is not None and image_mask is not None:
+            image_mask = ops.take(image_mask, image_index, axis=0)
         num_image_tokens = backbone.num_image_tokens
 
         # Right-align the prompts: row b moves right by `shift[b]` so every
@@ -216,44 +228,58 @@ class PaliGemmaCausalLM(
         # Prefill: encode the image once, fill the cache with the prefix.
         # Columns past the prompts are left empty (masked) for the answer.
         prefill_length = inputs.get("prefill_length") or length
+        image_tokens = backbone.encode_images(images)
+        if image_index is not None:
+            image_tokens = ops.take(image_tokens, image_index, axis=0)
         x = ops.concatenate(
-            [
-                backbone.encode_images(images),
-                backbone.embed_tokens(prompt[:, :prefill_length]),
-            ],
+            [image_tokens, backbone.embed_tokens(prompt[:, :prefill_length])],
             axis=1,
         )
-        cache = ops.zeros(
-            (
-                batch_size,
-                backbone.num_layers,
-                2,
-                num_image_tokens + length,
-                backbone.num_key_value_heads,
-                backbone.head_dim,
-            ),
-            dtype=self.compute_dtype,
+        cache_shape = (
+            batch_size,
+            2,
+            num_image_tokens + length,
+            backbone.num_key_value_heads,
+            backbone.head_dim,
         )
-        _, cache = backbone.decode(x, valid, response, positions, cache, 0)
+        cache = tuple(
+            ops.zeros(cache_shape, dtype=self.compute_dtype)
+            for _ in range(backbone.num_layers)
+        )
+        hidden_states, cache = backbone.decode(
+            x, valid, response, positions, cache, 0
+        )
+        # The prompts' hidden states, for samplers that compare them
+        # (contrastive search); the unfilled columns stay zero.
+        hidden_states = ops.pad(
+            hidden_states[:, num_image_tokens:],
+            [[0, 0], [0, length - prefill_length], [0, 0]],
+        )
 
         def next(prompt, cache, index):
-            token = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+            # Beam and contrastive samplers repeat each row (`ops.repeat`
+            # on axis 0) into several candidates; the layout follows.
+            rows = ops.shape(prompt)[0]
+            copies = rows // batch_size
+            layout = [valid, response, positions]
+            if copies != 1:
+                layout = [ops.repeat(t, copies, axis=0) for t in layout]
+            token = ops.slice(prompt, [0, index - 1], [rows, 1])
             hidden_states, cache = backbone.decode(
                 backbone.embed_tokens(token),
-                valid,
-                response,
-                positions,
+                *layout,
                 cache,
                 num_image_tokens + index - 1,
             )
             logits = backbone.token_embedding(hidden_states, reverse=True)
-            return logits[:, 0, :], hidden_states, cache
+            return logits[:, 0, :], hidden_states[:, 0, :], cache
 
         generated = self.sampler(
             next=next,
             prompt=prompt,
             cache=cache,
             index=prompt_end,
+            hidden_states=hidden_states,
             mask=in_prompt,
             stop_token_ids=stop_token_ids,
             model=self,
@@ -282,6 +308,26 @@ class PaliGemmaCausalLM(
                 inside, ops.take_along_axis(keep, back, axis=1)
             ),
         }
+
+    def generate(
+        self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False
+    ):
+        """Generate answers; see the class docstring and keras-hub's.
+
+        With a preprocessor, `inputs["prompts"]` may also hold one list of
+        prompts per image; the answers then come back as one list per
+        image, and each image is encoded once (`shared_images`).
+        """
+        groups = None
+        if self.preprocessor is not None and isinstance(inputs, dict):
+            groups = prompt_groups(inputs.get("prompts"))
+        outputs = super().generate(
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+        return outputs if groups is None else regroup(outputs, groups)
 
     def save_to_preset(self, preset_dir, max_shard_size=10, overwrite=False):
         """Save model, preprocessor and tokenizer as a loadable preset.

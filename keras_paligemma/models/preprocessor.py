@@ -7,6 +7,7 @@ import numpy as np
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.image_converter import PaliGemmaImageConverter
 from keras_paligemma.models.image_converter import is_single_image
+from keras_paligemma.models.shared_images import flatten_prompt_groups
 from keras_paligemma.models.tokenizer import PaliGemmaTokenizer
 
 
@@ -48,7 +49,10 @@ class PaliGemmaCausalLMPreprocessor(
     Calling the layer returns `(x, y, sample_weight)` for `fit()`: `x` holds
     `images`, `token_ids`, `padding_mask` and `response_mask`, `y` the next
     tokens and `sample_weight` marks the answer tokens. `generate_preprocess`
-    packs prompts (and optional answer prefixes) for `generate()`.
+    packs prompts (and optional answer prefixes) for `generate()`; there,
+    one image may come with a list of prompts, and a batch of images with
+    one list of prompts per image (see `shared_images`): each image is
+    converted once and an `image_index` input maps prompts to images.
 
     Args:
         tokenizer: a `PaliGemmaTokenizer`.
@@ -111,9 +115,12 @@ class PaliGemmaCausalLMPreprocessor(
         return keras.utils.pack_x_y_sample_weight(inputs, y, sample_weight)
 
     def _generate_preprocess_python(self, x, sequence_length=None):
-        x = self._checked(x, ("images", "prompts"))
+        x = flatten_prompt_groups(self._checked(x, ("images", "prompts")))
         length = sequence_length or self.sequence_length
-        return {**self._pack(x, length, False), **self._images(x)}
+        packed = {**self._pack(x, length, False), **self._images(x)}
+        if "image_index" in x:
+            packed["image_index"] = x["image_index"]
+        return packed
 
     def _pack(self, x, sequence_length, add_end_token):
         """`<bos> prompt \n [response] [<eos>]` token ids and masks."""

@@ -42,7 +42,13 @@ class TaskMethods:
         """Answer a question per image: `answer {lang} {question}`.
 
         `questions` is one string (asked of every image) or one per image.
+        With one image, a list of questions asks them all of that image,
+        which is encoded once, and returns one `Answer` per question.
         """
+        if is_single_image(images) and not isinstance(questions, str):
+            prompts = [f"answer {lang} {question}" for question in questions]
+            texts = self._answers(_load_all(images), [prompts], max_length)
+            return [Answer(p, t) for p, t in zip(prompts, texts[0])]
         prompts = [
             f"answer {lang} {question}"
             for question in _per_image(questions, images, "questions")

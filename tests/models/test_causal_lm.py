@@ -174,3 +174,26 @@ def test_keras_hub_samplers_are_accepted(tiny_causal_lm):
     greedy = tiny_causal_lm.generate(x, max_length=20)
     tiny_causal_lm.compile(sampler=keras_hub.samplers.TopKSampler(k=1))
     assert tiny_causal_lm.generate(x, max_length=20) == greedy
+
+
+def test_samplers_that_reorder_the_cache_agree_with_greedy(tiny_causal_lm):
+    """Beam and contrastive samplers copy and gather the per-layer cache.
+
+    One beam is greedy; contrastive search without the degeneration
+    penalty (`alpha=0`) picks the likeliest of its candidates: greedy too.
+    Beam search with more beams must run and keep every row's prompt.
+    """
+    import keras_hub
+
+    x = {"images": some_images(2), "prompts": ["caption en", "ocr"]}
+    greedy = tiny_causal_lm.generate(x, max_length=20)
+    for sampler in (
+        keras_hub.samplers.BeamSampler(num_beams=1),
+        keras_hub.samplers.ContrastiveSampler(k=2, alpha=0.0),
+    ):
+        tiny_causal_lm.compile(sampler=sampler)
+        assert tiny_causal_lm.generate(x, max_length=20) == greedy
+    tiny_causal_lm.compile(sampler=keras_hub.samplers.BeamSampler(num_beams=3))
+    beams = tiny_causal_lm.generate(x, max_length=20)
+    assert beams[0].startswith("caption en\n") and beams[1].startswith("ocr\n")
+    tiny_causal_lm.compile(sampler="greedy")
