@@ -15,6 +15,7 @@ def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
          "--small", "--batches", "2", "--repeats", "1", "--new-tokens", "3",
+         "--variants", "int8,bfloat16", "--questions", "3",
          "--json", str(out)],
         env={**os.environ, "KERAS_BACKEND": BACKEND},
         capture_output=True,
@@ -26,9 +27,20 @@ def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
     report = json.loads(out.read_text())
     assert report["backend"] == BACKEND
     rows = {row["model"]: row for row in report["rows"]}
-    assert set(rows) == {"ours", "keras_hub", "transformers"}
+    assert set(rows) == {
+        "ours", "ours-int8", "ours-bfloat16", "keras_hub", "transformers"}
     # Same weights, greedy: the converters and the three models agree.
-    assert all(row["tokens_equal_ours"] for row in rows.values())
+    for model in ("ours", "keras_hub", "transformers"):
+        assert rows[model]["tokens_equal_ours"], model
+    assert rows["keras_hub"]["max_logit_drift"] < 1e-3
+    assert rows["transformers"]["max_logit_drift"] is None
+    for variant in ("ours-int8", "ours-bfloat16"):
+        assert 0 <= rows[variant]["token_agreement"] <= 1
+        assert 0 < rows[variant]["max_logit_drift"] < 1.0
+    # Sharing one image among prompts changes the cost, not the tokens.
+    (questions,) = report["questions"]
+    assert questions["questions"] == 3 and questions["tokens_equal"]
+    assert questions["shared_ttft_ms"] > 0 and questions["repeated_ttft_ms"] > 0
     for row in rows.values():
         for key in ("prefill_ms", "ttft_ms", "peak_rss_mb"):
             assert row[key] > 0

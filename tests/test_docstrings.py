@@ -21,6 +21,7 @@ MODULES = [
     "keras_paligemma.models.fine_tuning",
     "keras_paligemma.models.generate_compile",
     "keras_paligemma.models.layout_map",
+    "keras_paligemma.models.shared_images",
     "keras_paligemma.outputs.detection",
     "keras_paligemma.outputs.segmentation",
     "keras_paligemma.outputs.mask_decoder",

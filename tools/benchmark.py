@@ -12,7 +12,12 @@ greedy decoding without stop tokens:
 - decode: `(time of N new tokens - time of 1) / (N - 1)`, ms per token;
 - peak RSS while the model generates, and its increase over the start;
 - compilations: traces of `generate_step` (0 where it runs eagerly),
-  a one token shorter prompt included.
+  a one token shorter prompt included;
+- token agreement with our float32 model and the largest prefill logit
+  difference from it (`--variants int8,bfloat16` adds our quantized and
+  bfloat16 models, built from the same weights);
+- several questions about one image (`--questions N`): N prompts sharing
+  one image (encoded once) against the image repeated N times.
 
 Models run interleaved (A B C A B C ...); each time is the best of
 `--repeats`. The same run measures memory bandwidth and matmul throughput
@@ -28,26 +33,28 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import threading
-import time
 
-import h5py
 import keras
-import keras_hub
 import numpy as np
-import torch
-import transformers
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_paligemma import PaliGemmaBackbone  # noqa: E402
+from benchmark_measure import PeakRss  # noqa: E402
+from benchmark_measure import floors  # noqa: E402
+from benchmark_measure import measure_hardware  # noqa: E402
+from benchmark_measure import parameter_counts  # noqa: E402
+from benchmark_measure import seconds  # noqa: E402
+from benchmark_peers import KerasRunner  # noqa: E402
+from benchmark_peers import TransformersRunner  # noqa: E402
+from benchmark_peers import keras_hub_causal_lm  # noqa: E402
+from benchmark_peers import random_backbone  # noqa: E402
+from benchmark_peers import transformers_model  # noqa: E402
+from benchmark_peers import variant_causal_lm  # noqa: E402
+from benchmark_report import markdown  # noqa: E402
+from benchmark_report import ratios  # noqa: E402
+
 from keras_paligemma import PaliGemmaCausalLM  # noqa: E402
-from keras_paligemma.checkpoints.keras_hub import keras_hub_config  # noqa: E402
-from keras_paligemma.checkpoints.keras_hub import our_variable  # noqa: E402
-from keras_paligemma.checkpoints.transformers_export import (  # noqa: E402
-    export_transformers,
-)
 
 PALIGEMMA2_3B_224 = dict(
     vocabulary_size=257152, image_size=224, num_layers=26,
@@ -65,231 +72,6 @@ SMALL = dict(
 )
 PROMPT_LENGTH = 12
 NEWLINE = 108
-
-
-class PeakRss(threading.Thread):
-    """Peak resident memory of this process inside a `with` block."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.before = self.peak = resident_bytes()
-        self.running = True
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.join()
-
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.002)
-
-
-def resident_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def seconds(function, repeats=1):
-    """Best wall time of `function()` over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure_hardware(bandwidth_mb, matmul_size):
-    """Bandwidth (bytes/s) and matmul FLOP/s, with the backend and torch.
-
-    Bandwidth: a matrix-vector product over a `bandwidth_mb` float32
-    matrix (what a decode step does with each weight); matmul: square
-    float32 matrices of side `matmul_size`.
-    """
-    ops = keras.ops
-    rows, m = bandwidth_mb * 2**20 // (4 * 1024), matmul_size
-    big, vector, a = ops.ones((rows, 1024)), ops.ones((1024,)), ops.ones((m, m))
-    big_t, vector_t, a_t = torch.ones(rows, 1024), torch.ones(1024), torch.ones(m, m)
-    with torch.no_grad():
-        found = {
-            "bandwidth_backend": rows * 4096 / seconds(
-                lambda: ops.convert_to_numpy(ops.matmul(big, vector)), 5),
-            "bandwidth_torch": rows * 4096 / seconds(
-                lambda: (big_t @ vector_t).numpy(), 5),
-            "matmul_backend": 2 * m**3 / seconds(
-                lambda: ops.convert_to_numpy(ops.matmul(a, a)), 5),
-            "matmul_torch": 2 * m**3 / seconds(lambda: (a_t @ a_t).numpy(), 5),
-        }
-    found["bandwidth"] = max(found["bandwidth_backend"], found["bandwidth_torch"])
-    found["matmul"] = max(found["matmul_backend"], found["matmul_torch"])
-    return found
-
-
-def parameter_counts(backbone):
-    """Weights per part: `vision` (encoder + projector), `decoder`, `embedding`."""
-    parts = {"vision_encoder": "vision", "token_embedding": "embedding"}
-    counts = {"vision": 0, "decoder": 0, "embedding": 0}
-    for variable in backbone.weights:
-        part = parts.get(variable.path.split("/")[0], "decoder")
-        counts[part] += int(np.prod(variable.shape))
-    return counts
-
-
-def floors(backbone, batch, hardware):
-    """Lower bounds in seconds for prefill, TTFT and one decode step."""
-    counts = parameter_counts(backbone)
-    bandwidth, matmul = hardware["bandwidth"], hardware["matmul"]
-    image_tokens = backbone.num_image_tokens
-    weight_bytes = 4 * sum(counts.values())
-    prefill_flops = 2 * batch * (
-        counts["vision"] * image_tokens
-        + counts["decoder"] * (image_tokens + PROMPT_LENGTH)
-        + counts["embedding"] * PROMPT_LENGTH
-    )
-    step_bytes = 4 * (counts["decoder"] + counts["embedding"])
-    step_flops = 2 * batch * (counts["decoder"] + counts["embedding"])
-    prefill = max(prefill_flops / matmul, weight_bytes / bandwidth)
-    decode = max(step_bytes / bandwidth, step_flops / matmul)
-    return {"prefill": prefill, "ttft": prefill + decode, "decode": decode}
-
-
-def random_backbone(config, seed):
-    """Our backbone with random weights, norm scales randomised too."""
-    keras.utils.set_random_seed(seed)
-    backbone = PaliGemmaBackbone(**config, dtype="float32")
-    rng = np.random.default_rng(seed)
-    for variable in backbone.weights:
-        if variable.path.endswith("scale"):
-            variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
-    return backbone
-
-
-def keras_hub_causal_lm(backbone):
-    """keras-hub's `PaliGemmaCausalLM` holding the weights of `backbone`.
-
-    Our keras-hub converter maps each dataset of a keras-hub weights file
-    to our variable; this writes our values into such a file (inverting
-    the converter's reshapes and transposes) and loads it into keras-hub.
-    """
-    config = backbone.get_config()
-    theirs = keras_hub.models.PaliGemmaBackbone(
-        **keras_hub_config(config), dtype="float32"
-    )
-    ours = {v.path: v for v in backbone.weights}
-
-    def value_for(name, shape):
-        stand_in = np.broadcast_to(np.int32(0), shape)
-        path, mapped = our_variable(name, stand_in, config)
-        value = keras.ops.convert_to_numpy(ours[path])
-        if mapped is stand_in:  # Stored as is.
-            return value
-        positions = np.arange(int(np.prod(shape))).reshape(shape)
-        _, positions = our_variable(name, positions, config)
-        out = np.empty(positions.size, value.dtype)
-        out[positions.ravel()] = value.ravel()
-        return out.reshape(shape)
-
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "model.weights.h5")
-        theirs.save_weights(path)
-        with h5py.File(path, "r+") as f:
-            names = []
-            f.visititems(lambda name, item: names.append(name)
-                         if isinstance(item, h5py.Dataset) else None)
-            for name in names:
-                f[name][...] = value_for(name, f[name].shape)
-        theirs.load_weights(path)
-    return keras_hub.models.PaliGemmaCausalLM(backbone=theirs, preprocessor=None)
-
-
-def transformers_model(backbone):
-    """transformers' model with the weights of `backbone` (our exporter)."""
-    transformers.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory() as directory:
-        export_transformers(backbone, directory, overwrite=True)
-        model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
-            directory, dtype=torch.float32
-        )
-    return model.eval()
-
-
-class KerasRunner:
-    """Times a Keras `CausalLM` (ours or keras-hub's) on token inputs."""
-
-    def __init__(self, name, causal_lm):
-        self.name, self.causal_lm, self.traces = name, causal_lm, 0
-        step = causal_lm.generate_step
-
-        def counting_step(inputs, stop_token_ids=None):
-            self.traces += 1
-            return step(inputs, stop_token_ids)
-
-        causal_lm.generate_step = counting_step
-        causal_lm.compile(sampler="greedy")  # Also drops compiled functions.
-
-    @property
-    def compilations(self):
-        return 0 if keras.config.backend() == "torch" else self.traces
-
-    def prefill(self, images, prompts):
-        ones = np.ones_like(prompts)
-        self.causal_lm.predict_on_batch({
-            "images": images, "token_ids": prompts, "padding_mask": ones,
-            "response_mask": np.zeros_like(prompts),
-        })
-
-    def generate(self, images, prompts, new_tokens):
-        batch, length = prompts.shape
-        token_ids = np.zeros((batch, length + new_tokens), "int32")
-        token_ids[:, :length] = prompts
-        out = self.causal_lm.generate(
-            {"images": images, "token_ids": token_ids,
-             "padding_mask": token_ids != 0},
-            stop_token_ids=None,
-        )
-        return np.asarray(out["token_ids"])[:, length:]
-
-
-class TransformersRunner:
-    """Times transformers' PaliGemma (eager torch, `no_grad`)."""
-
-    name, compilations = "transformers", 0
-
-    def __init__(self, model, num_image_tokens):
-        self.model, self.num_image_tokens = model, num_image_tokens
-
-    def _inputs(self, images, prompts):
-        prompts = prompts[:, prompts.any(axis=0)]  # Drop padding columns.
-        image_ids = np.full(
-            (len(prompts), self.num_image_tokens),
-            self.model.config.image_token_index,
-        )
-        input_ids = torch.tensor(np.concatenate([image_ids, prompts], axis=1))
-        return {
-            "input_ids": input_ids,
-            "pixel_values": torch.tensor(images.transpose(0, 3, 1, 2)),
-            "attention_mask": torch.ones_like(input_ids),
-            "token_type_ids": torch.zeros_like(input_ids),
-        }
-
-    def prefill(self, images, prompts):
-        with torch.no_grad():
-            self.model(**self._inputs(images, prompts),
-                       logits_to_keep=prompts.shape[1])
-
-    def generate(self, images, prompts, new_tokens):
-        inputs = self._inputs(images, prompts)
-        with torch.no_grad():
-            out = self.model.generate(
-                **inputs, max_new_tokens=new_tokens, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
-            )
-        return out[:, inputs["input_ids"].shape[1]:].numpy()
 
 
 def random_inputs(backbone, batch, length, seed):
@@ -311,10 +93,10 @@ def run_batch(runners, backbone, batch, args):
     shorter = np.pad(shorter, ((0, 0), (0, 1)))
     compilations = {r.name: r.compilations for r in runners}
     best = {r.name: {"prefill": [], "ttft": [], "generate": []} for r in runners}
-    rss, tokens = {}, {}
+    rss, tokens, logits = {}, {}, {}
     for runner in runners:  # Warm up: compile every shape once.
         with PeakRss() as memory:
-            runner.prefill(images, prompts)
+            logits[runner.name] = runner.prefill(images, prompts)
             runner.generate(other_images, shorter, args.new_tokens)
             runner.generate(images, prompts, 1)
             tokens[runner.name] = runner.generate(images, prompts, args.new_tokens)
@@ -343,69 +125,41 @@ def run_batch(runners, backbone, batch, args):
             "compilations": runner.compilations - compilations[runner.name],
             "tokens_equal_ours": bool(
                 np.array_equal(tokens[runner.name], tokens["ours"])),
+            "token_agreement": float(
+                np.mean(tokens[runner.name] == tokens["ours"])),
+            "max_logit_drift": None if logits[runner.name] is None else float(
+                np.max(np.abs(logits[runner.name] - logits["ours"]))),
         })
     return rows
 
 
-METRICS = [("prefill", "prefill_ms"), ("ttft", "ttft_ms"),
-           ("decode", "decode_ms_per_token")]
+def run_questions(runner, backbone, count, args):
+    """`count` prompts about one image: shared image vs repeated image.
 
-
-def ratios(rows, floor_by_batch):
-    """us/peer and us/floor for each batch and metric."""
-    out = []
-    for batch, floor in floor_by_batch.items():
-        by_model = {r["model"]: r for r in rows if r["batch"] == batch}
-        for metric, key in METRICS:
-            ours = by_model["ours"][key]
-            entry = {"batch": batch, "metric": metric,
-                     "floor_ms": 1e3 * floor[metric],
-                     "us_over_floor": ours / (1e3 * floor[metric])}
-            for model, row in by_model.items():
-                if model != "ours":
-                    entry[f"us_over_{model}"] = ours / row[key]
-            out.append(entry)
-    return out
-
-
-ROW_COLUMNS = [
-    ("model", "model", ""), ("batch", "batch", ""),
-    ("prefill ms", "prefill_ms", ".1f"), ("TTFT ms", "ttft_ms", ".1f"),
-    ("decode ms/token", "decode_ms_per_token", ".2f"),
-    ("peak RSS MB", "peak_rss_mb", ".0f"),
-    ("RSS increase MB", "rss_increase_mb", ".0f"),
-    ("compilations", "compilations", ""),
-    ("tokens = ours", "tokens_equal_ours", ""),
-]
-
-
-def table(entries, columns):
-    """A markdown table of dicts; `columns` are `(header, key, format)`."""
-    lines = ["| " + " | ".join(c[0] for c in columns) + " |",
-             "|" + "---|" * len(columns)]
-    for entry in entries:
-        cells = [format(entry[key], spec) for _, key, spec in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown(result):
-    """The measurements and the ratios as two markdown tables."""
-    hardware = result["hardware"]
-    peers = [r["model"] for r in result["rows"] if r["model"] != "ours"]
-    ratio_columns = [("batch", "batch", ""), ("metric", "metric", ""),
-                     ("floor ms", "floor_ms", ".2f"),
-                     ("us/floor", "us_over_floor", ".2f")]
-    ratio_columns += [(f"us/{p}", f"us_over_{p}", ".2f")
-                      for p in dict.fromkeys(peers)]
-    return "\n\n".join([
-        f"backend {result['backend']}, "
-        f"{sum(result['parameters'].values()):,} parameters, bandwidth "
-        f"{hardware['bandwidth'] / 1e9:.1f} GB/s, matmul "
-        f"{hardware['matmul'] / 1e9:.1f} GFLOP/s",
-        table(result["rows"], ROW_COLUMNS),
-        table(result["ratios"], ratio_columns),
-    ])
+    Both give the same tokens; sharing encodes the image once instead of
+    `count` times (the decoder still prefills every prompt: PaliGemma's
+    image tokens attend to the prompt, so their cache is per prompt).
+    """
+    images, prompts = random_inputs(backbone, count, PROMPT_LENGTH, args.seed)
+    ways = {"shared": images[:1], "repeated": np.repeat(images[:1], count, 0)}
+    tokens = {way: runner.generate(pixels, prompts, args.new_tokens)
+              for way, pixels in ways.items()}
+    for pixels in ways.values():
+        runner.generate(pixels, prompts, 1)
+    times = {f"{way}_{what}": [] for way in ways for what in ("ttft", "generate")}
+    for _ in range(args.repeats):
+        for way, pixels in ways.items():
+            times[f"{way}_ttft"].append(seconds(
+                lambda: runner.generate(pixels, prompts, 1)))
+            times[f"{way}_generate"].append(seconds(
+                lambda: runner.generate(pixels, prompts, args.new_tokens)))
+    row = {"questions": count, "new_tokens": args.new_tokens,
+           "tokens_equal": bool(np.array_equal(*tokens.values()))}
+    row.update({f"{key}_ms": 1e3 * min(values) for key, values in times.items()})
+    row["ttft_saving"] = 1 - row["shared_ttft_ms"] / row["repeated_ttft_ms"]
+    row["generate_saving"] = (
+        1 - row["shared_generate_ms"] / row["repeated_generate_ms"])
+    return row
 
 
 def parse_args(argv):
@@ -418,6 +172,10 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", default="keras_hub,transformers",
                         help="comma-separated subset of keras_hub,transformers")
+    parser.add_argument("--variants", default="",
+                        help="also ours in: comma-separated int8,bfloat16")
+    parser.add_argument("--questions", type=int, default=4,
+                        help="prompts about one image (0 to skip)")
     parser.add_argument("--bandwidth-mb", type=int, help="floor array size")
     parser.add_argument("--matmul-size", type=int, help="floor matmul side")
     parser.add_argument("--seed", type=int, default=0)
@@ -425,6 +183,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2")
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - {"int8", "bfloat16"}
+    if unknown:
+        parser.error(f"--variants takes int8 and bfloat16; got {sorted(unknown)}")
     return args
 
 
@@ -437,25 +199,33 @@ def main(argv=None):
         config["vit_num_layers"] = args.vit_layers
     backbone = random_backbone(config, args.seed)
     runners = [KerasRunner("ours", PaliGemmaCausalLM(backbone))]
+    for variant in args.variants:
+        runners.append(KerasRunner(
+            f"ours-{variant}", variant_causal_lm(backbone, variant)))
     peers = [p for p in args.peers.split(",") if p]
     if "transformers" in peers:
         runners.append(TransformersRunner(
             transformers_model(backbone), backbone.num_image_tokens))
     if "keras_hub" in peers:
-        runners.insert(1, KerasRunner("keras_hub", keras_hub_causal_lm(backbone)))
+        runners.insert(1 + len(args.variants),
+                       KerasRunner("keras_hub", keras_hub_causal_lm(backbone)))
     hardware = measure_hardware(
         args.bandwidth_mb or (64 if args.small else 1024),
         args.matmul_size or (256 if args.small else 2048),
     )
     batches = [int(b) for b in args.batches.split(",")]
     rows = [row for b in batches for row in run_batch(runners, backbone, b, args)]
-    ratio_rows = ratios(rows, {b: floors(backbone, b, hardware) for b in batches})
+    ratio_rows = ratios(rows, {
+        b: floors(backbone, b, hardware, PROMPT_LENGTH) for b in batches})
+    questions = []
+    if args.questions:
+        questions.append(run_questions(runners[0], backbone, args.questions, args))
     result = {
         "backend": keras.config.backend(), "config": config,
         "parameters": parameter_counts(backbone), "image_tokens":
         backbone.num_image_tokens, "prompt_tokens": PROMPT_LENGTH,
         "new_tokens": args.new_tokens, "hardware": hardware,
-        "rows": rows, "ratios": ratio_rows,
+        "rows": rows, "ratios": ratio_rows, "questions": questions,
     }
     print(markdown(result))
     if args.json:

@@ -1,0 +1,105 @@
+"""Measurements for `tools/benchmark.py`: time, peak RSS and floors.
+
+The floors come from this machine's memory bandwidth and matmul
+throughput, measured in the same run as the models (the machine is
+shared and its bandwidth varies run to run).
+"""
+
+import os
+import threading
+import time
+
+import keras
+import numpy as np
+import torch
+
+
+class PeakRss(threading.Thread):
+    """Peak resident memory of this process inside a `with` block."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.before = self.peak = resident_bytes()
+        self.running = True
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.join()
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.002)
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def seconds(function, repeats=1):
+    """Best wall time of `function()` over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_hardware(bandwidth_mb, matmul_size):
+    """Bandwidth (bytes/s) and matmul FLOP/s, with the backend and torch.
+
+    Bandwidth: a matrix-vector product over a `bandwidth_mb` float32
+    matrix (what a decode step does with each weight); matmul: square
+    float32 matrices of side `matmul_size`.
+    """
+    ops = keras.ops
+    rows, m = bandwidth_mb * 2**20 // (4 * 1024), matmul_size
+    big, vector, a = ops.ones((rows, 1024)), ops.ones((1024,)), ops.ones((m, m))
+    big_t, vector_t, a_t = torch.ones(rows, 1024), torch.ones(1024), torch.ones(m, m)
+    with torch.no_grad():
+        found = {
+            "bandwidth_backend": rows * 4096 / seconds(
+                lambda: ops.convert_to_numpy(ops.matmul(big, vector)), 5),
+            "bandwidth_torch": rows * 4096 / seconds(
+                lambda: (big_t @ vector_t).numpy(), 5),
+            "matmul_backend": 2 * m**3 / seconds(
+                lambda: ops.convert_to_numpy(ops.matmul(a, a)), 5),
+            "matmul_torch": 2 * m**3 / seconds(lambda: (a_t @ a_t).numpy(), 5),
+        }
+    found["bandwidth"] = max(found["bandwidth_backend"], found["bandwidth_torch"])
+    found["matmul"] = max(found["matmul_backend"], found["matmul_torch"])
+    return found
+
+
+def parameter_counts(backbone):
+    """Weights per part: `vision` (encoder + projector), `decoder`, `embedding`."""
+    parts = {"vision_encoder": "vision", "token_embedding": "embedding"}
+    counts = {"vision": 0, "decoder": 0, "embedding": 0}
+    for variable in backbone.weights:
+        part = parts.get(variable.path.split("/")[0], "decoder")
+        counts[part] += int(np.prod(variable.shape))
+    return counts
+
+
+def floors(backbone, batch, hardware, prompt_length):
+    """Lower bounds in seconds for prefill, TTFT and one decode step."""
+    counts = parameter_counts(backbone)
+    bandwidth, matmul = hardware["bandwidth"], hardware["matmul"]
+    image_tokens = backbone.num_image_tokens
+    weight_bytes = 4 * sum(counts.values())
+    prefill_flops = 2 * batch * (
+        counts["vision"] * image_tokens
+        + counts["decoder"] * (image_tokens + prompt_length)
+        + counts["embedding"] * prompt_length
+    )
+    step_bytes = 4 * (counts["decoder"] + counts["embedding"])
+    step_flops = 2 * batch * (counts["decoder"] + counts["embedding"])
+    prefill = max(prefill_flops / matmul, weight_bytes / bandwidth)
+    decode = max(step_bytes / bandwidth, step_flops / matmul)
+    return {"prefill": prefill, "ttft": prefill + decode, "decode": decode}
