@@ -13,6 +13,8 @@ differs past 4096 tokens (896 px).
 """
 
 import difflib
+import json
+import os
 
 VOCABULARY_SIZE = 257152
 
@@ -163,6 +165,21 @@ def download_hf(handle):
         ) from error
 
 
+def _saved_policy_map(preset):
+    """The serialized `DTypePolicyMap` of a quantized preset directory.
+
+    `None` for float presets and for anything but a local directory.
+    """
+    config_file = os.path.join(str(preset), "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as f:
+        dtype = json.load(f).get("config", {}).get("dtype")
+    if isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicyMap":
+        return dtype
+    return None
+
+
 class PresetTable:
     """Descriptor: `cls.presets` -> `{name: entry}` of the registry."""
 
@@ -198,6 +215,11 @@ class PresetLoading:
         model = load_foreign(cls.preset_kind, preset, dtype=kwargs.get("dtype"))
         if model is not None:
             return model
+        if cls.preset_kind == "backbone" and kwargs.get("dtype") is None:
+            # keras-hub 0.32's backbone loader replaces the saved dtype with
+            # `None`, which builds a quantized preset as a float model that
+            # cannot take its weights; pass the saved policy map instead.
+            kwargs["dtype"] = _saved_policy_map(preset)
         model = super().from_preset(preset, load_weights=load_weights, **kwargs)
         backbone = model if cls.preset_kind == "backbone" else model.backbone
         if load_weights and backbone.lora_enabled:

@@ -8,6 +8,7 @@ import pytest
 from keras import ops
 
 from conftest import REPO
+from keras_paligemma import PaliGemmaBackbone
 from keras_paligemma import PaliGemmaCausalLM
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -59,6 +60,10 @@ def test_quantized_preset_keeps_accuracy_and_round_trips(
     causal_lm.save_to_preset(tmp_path / mode)
     loaded = PaliGemmaCausalLM.from_preset(str(tmp_path / mode))
     assert loaded.backbone.decoder_blocks[0].attention.query_dense.quantization_mode == mode
+    # The backbone alone loads quantized too (keras-hub's own backbone
+    # loader drops the saved policy map).
+    backbone = PaliGemmaBackbone.from_preset(str(tmp_path / mode))
+    assert backbone.token_embedding.quantization_mode == mode
     np.testing.assert_allclose(
         logits(loaded, held_out), logits(causal_lm, held_out), atol=1e-5
     )
