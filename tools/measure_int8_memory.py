@@ -115,14 +115,17 @@ def main(argv=None):
     if args.step == "generate":
         return generate(args.preset_dir, args.new_tokens)
 
-    if os.path.exists(args.workdir) and os.listdir(args.workdir):
+    built = all(os.path.isfile(os.path.join(args.workdir, name, "config.json"))
+                for name in ("float32", "int8"))
+    if not built and os.path.exists(args.workdir) and os.listdir(args.workdir):
         parser.error(f"--workdir {args.workdir} is not empty; give a new one")
     os.makedirs(args.workdir, exist_ok=True)
     try:
         common = ["--preset", args.preset, "--workdir", args.workdir]
         if args.layers:
             common += ["--layers", str(args.layers)]
-        run_step("--step", "build", *common)
+        if not built:  # Presets kept by an earlier `--keep` run are reused.
+            run_step("--step", "build", *common)
         found = {}
         for name in ("float32", "int8"):
             found[name] = run_step(

@@ -158,9 +158,11 @@ class PaliGemmaCausalLM(
     def quantize(self, mode, **kwargs):
         """Quantize the backbone's weights in place: `"int8"`, `"int4"`, ...
 
-        Weight-only quantization through Keras (`keras.Model.quantize`);
-        the preprocessor is left alone. Quantized models save to and load
-        from presets like float ones.
+        Through Keras (`keras.Model.quantize`; its `config=` argument is
+        passed on): by default `"int8"` stores int8 kernels and embeddings
+        and also quantizes each layer's inputs on the fly (per-token abs-max)
+        for an int8 matmul. The preprocessor is left alone. int8 models save
+        to and load from presets like float ones.
         """
         self.backbone.quantize(mode, **kwargs)
         self.train_function = self.test_function = None
@@ -198,6 +200,12 @@ class PaliGemmaCausalLM(
         # a whole batch of prompts needs no index).
         image_index = inputs.get("image_index")
         if image_index is None and ops.shape(images)[0] != batch_size:
+            if ops.shape(images)[0] != 1:
+                raise ValueError(
+                    f"`images` holds {ops.shape(images)[0]} images for "
+                    f"{batch_size} prompts; give one image per prompt, one "
+                    "image for all, or an `image_index` per prompt."
+                )
             image_index = ops.zeros((batch_size,), "int32")
         if image_index is not None and image_mask is not None:
             image_mask = ops.take(image_mask, image_index, axis=0)
@@ -346,60 +354,3 @@ class PaliGemmaCausalLM(
             super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
         finally:
             self.backbone._saving_inside_task = False
-
-    def score(
-        self,
-        images,
-        token_ids,
-        padding_mask=None,
-        response_mask=None,
-        scoring_mode="logits",
-        target_ids=None,
-        image_mask=None,
-    ):
-        """Per-token logits or losses of given text for given images.
-
-        Args:
-            images: preprocessed images `(batch, size, size, 3)`.
-            token_ids: `(batch, length)` text tokens.
-            padding_mask: `(batch, length)`, defaults to all ones.
-            response_mask: `(batch, length)` answer tokens (causal); defaults
-                to none (the whole text is prefix).
-            scoring_mode: `"logits"` for `(batch, length, vocabulary)`
-                logits, or `"loss"` for the per-token cross-entropy against
-                `target_ids`.
-            target_ids: `(batch, length)` targets, required for `"loss"`.
-            image_mask: `(batch, num_images)` for multi-image backbones;
-                defaults to every image present.
-        """
-        if scoring_mode not in ("logits", "loss"):
-            raise ValueError(
-                "`scoring_mode` must be 'logits' or 'loss'; got "
-                f"{scoring_mode!r}."
-            )
-        if scoring_mode == "loss" and target_ids is None:
-            raise ValueError("`target_ids` is required when scoring 'loss'.")
-        token_ids = ops.convert_to_tensor(token_ids, "int32")
-        if padding_mask is None:
-            padding_mask = ops.ones_like(token_ids)
-        if response_mask is None:
-            response_mask = ops.zeros_like(token_ids)
-        inputs = {
-            "images": images,
-            "token_ids": token_ids,
-            "padding_mask": padding_mask,
-            "response_mask": response_mask,
-        }
-        if self.backbone.num_images > 1:
-            if image_mask is None:
-                image_mask = ops.ones(
-                    (ops.shape(token_ids)[0], self.backbone.num_images), "int32"
-                )
-            inputs["image_mask"] = image_mask
-        logits = self({k: ops.convert_to_tensor(v) for k, v in inputs.items()})
-        if scoring_mode == "logits":
-            return logits
-        loss = keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=None
-        )
-        return loss(target_ids, logits)

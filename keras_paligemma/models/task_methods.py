@@ -1,11 +1,15 @@
-"""One-call PaliGemma tasks: caption, answer, ocr, detect, segment.
+"""One-call PaliGemma tasks: caption, answer, ocr, detect, segment, score.
 
 `PaliGemmaCausalLM` inherits these. Each builds the task prompt, runs
 `generate()` on the whole batch and returns structured results; boxes and
-masks are in pixels of the ORIGINAL images.
+masks are in pixels of the ORIGINAL images. `score` returns the logits or
+losses of given answers.
 """
 
 import dataclasses
+
+import keras
+from keras import ops
 
 from keras_paligemma.models.image_converter import is_single_image
 from keras_paligemma.models.image_converter import load_image
@@ -120,6 +124,63 @@ class TaskMethods:
             max_length=max_length,
             strip_prompt=True,
         )
+
+    def score(
+        self,
+        images,
+        token_ids,
+        padding_mask=None,
+        response_mask=None,
+        scoring_mode="logits",
+        target_ids=None,
+        image_mask=None,
+    ):
+        """Per-token logits or losses of given text for given images.
+
+        Args:
+            images: preprocessed images `(batch, size, size, 3)`.
+            token_ids: `(batch, length)` text tokens.
+            padding_mask: `(batch, length)`, defaults to all ones.
+            response_mask: `(batch, length)` answer tokens (causal); defaults
+                to none (the whole text is prefix).
+            scoring_mode: `"logits"` for `(batch, length, vocabulary)`
+                logits, or `"loss"` for the per-token cross-entropy against
+                `target_ids`.
+            target_ids: `(batch, length)` targets, required for `"loss"`.
+            image_mask: `(batch, num_images)` for multi-image backbones;
+                defaults to every image present.
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                "`scoring_mode` must be 'logits' or 'loss'; got "
+                f"{scoring_mode!r}."
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError("`target_ids` is required when scoring 'loss'.")
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        if padding_mask is None:
+            padding_mask = ops.ones_like(token_ids)
+        if response_mask is None:
+            response_mask = ops.zeros_like(token_ids)
+        inputs = {
+            "images": images,
+            "token_ids": token_ids,
+            "padding_mask": padding_mask,
+            "response_mask": response_mask,
+        }
+        if self.backbone.num_images > 1:
+            if image_mask is None:
+                image_mask = ops.ones(
+                    (ops.shape(token_ids)[0], self.backbone.num_images), "int32"
+                )
+            inputs["image_mask"] = image_mask
+        logits = self({k: ops.convert_to_tensor(v) for k, v in inputs.items()})
+        if scoring_mode == "logits":
+            return logits
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=None
+        )
+        return loss(target_ids, logits)
 
 
 def _load_all(images):

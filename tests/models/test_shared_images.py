@@ -109,3 +109,12 @@ def test_preprocessing_maps_prompts_to_images():
 def test_bad_prompt_groups_are_refused(x, message):
     with pytest.raises(ValueError, match=message):
         flatten_prompt_groups(x)
+
+
+def test_images_that_match_no_prompt_layout_are_refused(shapes_lm):
+    token_ids = np.ones((3, 8), "int32")
+    with pytest.raises(ValueError, match="2 images for 3 prompts"):
+        shapes_lm.generate_step({
+            "images": np.zeros((2, 56, 56, 3), "float32"),
+            "token_ids": token_ids, "padding_mask": token_ids,
+        })
