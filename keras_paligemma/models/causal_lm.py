@@ -197,14 +197,17 @@ class PaliGemmaCausalLM(
         batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         # Several prompts per image: each image is encoded once, and every
         # prompt row reads its image's tokens (`image_index`; one image for
-        # a whole batch of prompts needs no index).
+        # a whole batch of prompts needs no index). Batch sizes unknown at
+        # trace time (a serving signature) are one image per prompt.
         image_index = inputs.get("image_index")
-        if image_index is None and ops.shape(images)[0] != batch_size:
-            if ops.shape(images)[0] != 1:
+        image_rows = ops.shape(images)[0]
+        static = isinstance(image_rows, int) and isinstance(batch_size, int)
+        if image_index is None and static and image_rows != batch_size:
+            if image_rows != 1:
                 raise ValueError(
-                    f"`images` holds {ops.shape(images)[0]} images for "
-                    f"{batch_size} prompts; give one image per prompt, one "
-                    "image for all, or an `image_index` per prompt."
+                    f"`images` holds {image_rows} images for {batch_size} "
+                    "prompts; give one image per prompt, one image for "
+                    "all, or an `image_index` per prompt."
                 )
             image_index = ops.zeros((batch_size,), "int32")
         if image_index is not None and image_mask is not None:
@@ -268,9 +271,9 @@ class PaliGemmaCausalLM(
             # Beam and contrastive samplers repeat each row (`ops.repeat`
             # on axis 0) into several candidates; the layout follows.
             rows = ops.shape(prompt)[0]
-            copies = rows // batch_size
             layout = [valid, response, positions]
-            if copies != 1:
+            if isinstance(rows, int) and rows != batch_size:
+                copies = rows // batch_size
                 layout = [ops.repeat(t, copies, axis=0) for t in layout]
             token = ops.slice(prompt, [0, index - 1], [rows, 1])
             hidden_states, cache = backbone.decode(
