@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_paligemma.layers.rotary import apply_rotary_embedding
+from keras_paligemma.layers.threaded_matmul import ThreadedEinsumDense
 
 
 def write_into_cache(cache, keys_values, index):
@@ -83,25 +84,25 @@ class DecoderAttention(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         common = dict(dtype=self.dtype_policy)
-        self.query_dense = keras.layers.EinsumDense(
+        self.query_dense = ThreadedEinsumDense(
             "btd,dnh->btnh",
             output_shape=(None, self.num_query_heads, self.head_dim),
             name="query",
             **common,
         )
-        self.key_dense = keras.layers.EinsumDense(
+        self.key_dense = ThreadedEinsumDense(
             "btd,dnh->btnh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             name="key",
             **common,
         )
-        self.value_dense = keras.layers.EinsumDense(
+        self.value_dense = ThreadedEinsumDense(
             "btd,dnh->btnh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             name="value",
             **common,
         )
-        self.output_dense = keras.layers.EinsumDense(
+        self.output_dense = ThreadedEinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),
             name="attention_output",

@@ -4,6 +4,7 @@ import keras
 
 from keras_paligemma.layers.decoder_attention import DecoderAttention
 from keras_paligemma.layers.rms_norm import RMSNormalization
+from keras_paligemma.layers.threaded_matmul import ThreadedEinsumDense
 
 
 class DecoderBlock(keras.layers.Layer):
@@ -57,7 +58,7 @@ class DecoderBlock(keras.layers.Layer):
             )
 
         def dense(equation, output_shape, name):
-            return keras.layers.EinsumDense(
+            return ThreadedEinsumDense(
                 equation, output_shape, dtype=self.dtype_policy, name=name
             )
 

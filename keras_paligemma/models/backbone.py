@@ -7,6 +7,7 @@ from keras import ops
 from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
 from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
+from keras_paligemma.layers.threaded_matmul import ReversibleEmbedding
 from keras_paligemma.layers.vision_encoder import VisionEncoder
 from keras_paligemma.models.fine_tuning import FineTuning
 from keras_paligemma.models.preset_dir import check_preset_dir
@@ -121,7 +122,7 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
             dtype=dtype,
             name="vision_encoder",
         )
-        self.token_embedding = keras.layers.ReversibleEmbedding(
+        self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=True,

@@ -1,0 +1,113 @@
+"""Decode-sized matmuls over column blocks equal Keras' own layers."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_paligemma.layers import threaded_matmul as tm
+from keras_paligemma.layers.threaded_matmul import (
+    ReversibleEmbedding,
+    ThreadedEinsumDense,
+    threaded_matmul,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+@pytest.fixture
+def bmm_calls(monkeypatch):
+    """Counts the batched matmuls of the column-block path (torch only)."""
+    if keras.config.backend() != "torch":
+        yield None
+        return
+    import torch
+
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield calls
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("rows", [1, 8, tm.MAX_ROWS + 1])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_threaded_matmul_equals_matmul(rows, transposed, bmm_calls):
+    kernel = RNG.normal(size=(12, 10)).astype("float32")
+    if transposed:  # the tied embedding's (vocabulary, hidden) transposed
+        kernel = ops.transpose(ops.convert_to_tensor(kernel.T.copy()))
+    x = RNG.normal(size=(rows, 1, 12)).astype("float32")
+    out = threaded_matmul(x, kernel)
+    assert tuple(out.shape) == (rows, 1, 10)
+    np.testing.assert_allclose(numpy(out), x @ numpy(kernel), atol=1e-5)
+    if bmm_calls is not None:  # the block path only for few rows
+        assert len(bmm_calls) == (rows <= tm.MAX_ROWS)
+
+
+def test_blocks_divide_the_columns(bmm_calls):
+    if bmm_calls is None:
+        pytest.skip("column blocks are a PyTorch CPU path")
+    assert tm._thread_blocks(10) == 2
+    assert tm._thread_blocks(7) == 1  # odd widths take torch.matmul
+    x = RNG.normal(size=(1, 12)).astype("float32")
+    kernel = RNG.normal(size=(12, 7)).astype("float32")
+    np.testing.assert_allclose(numpy(threaded_matmul(x, kernel)), x @ kernel, atol=1e-5)
+    assert bmm_calls == []
+
+
+@pytest.mark.parametrize(
+    "equation, input_shape, output_shape",
+    [
+        ("btd,dnh->btnh", (2, 1, 12), (None, 3, 4)),
+        ("btnh,nhd->btd", (2, 1, 3, 4), (None, 12)),
+        ("btd,df->btf", (2, 3, 12), (None, 10)),
+        ("btd,dnh->bnth", (2, 1, 12), (3, None, 4)),  # not a plain matmul
+    ],
+)
+def test_threaded_einsum_dense_equals_einsum_dense(
+    equation, input_shape, output_shape, bmm_calls
+):
+    ours = ThreadedEinsumDense(equation, output_shape, bias_axes=None)
+    theirs = keras.layers.EinsumDense(equation, output_shape)
+    x = RNG.normal(size=input_shape).astype("float32")
+    ours.build(input_shape)
+    theirs.build(input_shape)
+    theirs.kernel.assign(RNG.normal(size=theirs.kernel.shape).astype("float32"))
+    ours.kernel.assign(theirs.kernel)
+    np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-5)
+    if bmm_calls is not None:
+        assert len(bmm_calls) == (equation != "btd,dnh->bnth")
+
+    for layer in (ours, theirs):  # LoRA adds to the kernel the block path reads
+        layer.enable_lora(2, b_initializer="ones")
+    ours.lora_kernel_a.assign(theirs.lora_kernel_a)
+    np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
+
+    for layer in (ours, theirs):  # Keras quantizes the subclass as its own
+        layer.quantize("int8")
+    assert ours.quantization_mode == "int8"
+    np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
+
+
+def test_reversible_embedding_matches_and_loads_keras_weights(tmp_path):
+    def model(embedding_class):
+        tokens = keras.Input((3,), dtype="int32")
+        embedding = embedding_class(10, 4, logit_soft_cap=2.0)
+        return keras.Model(tokens, embedding(embedding(tokens), reverse=True))
+
+    theirs, ours = model(keras.layers.ReversibleEmbedding), model(ReversibleEmbedding)
+    theirs.save_weights(tmp_path / "keras.weights.h5")
+    ours.load_weights(tmp_path / "keras.weights.h5")  # same class name
+    tokens = np.array([[1, 5, 9]], dtype="int32")
+    logits = numpy(ours(tokens))
+    np.testing.assert_allclose(logits, numpy(theirs(tokens)), atol=1e-5)
+    assert np.abs(logits).max() < 2.0  # soft-capped
+
+    ours.layers[1].quantize("int8")
+    assert ours.layers[1].quantization_mode == "int8"
