@@ -41,7 +41,7 @@ def random_backbone(config, seed):
 def variant_causal_lm(backbone, variant):
     """Our causal LM with `backbone`'s weights in `"bfloat16"` or `"int8"`.
 
-    int8 is Keras' weight-only quantization (`causal_lm.quantize`) of a
+    int8 is Keras' int8 quantization (`causal_lm.quantize`) of a
     float32 copy; bfloat16 is a bfloat16 model given the same values.
     """
     dtype = "bfloat16" if variant == "bfloat16" else "float32"

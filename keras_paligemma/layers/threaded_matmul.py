@@ -72,6 +72,27 @@ def threaded_matmul(x, kernel):
     return out.permute(1, 0, 2).reshape(*x.shape[:-1], columns)
 
 
+def int8_matmul_by_blocks(x, table, block_bytes=2**26):
+    """`x @ table.T` for int8 `x (..., K)` and an int8 `table (N, K)`.
+
+    PyTorch only. Keras computes an int8 product by casting both operands
+    to int32, which for the tied 257,152-row embedding is a 2.4 GB copy
+    per decode step. Here one block of `table` rows (at most `block_bytes`
+    as float32) is converted at a time and multiplied with
+    `threaded_matmul`. int8 products are exact in float32, so the result
+    equals Keras' up to float32 rounding of sums beyond 2**24.
+    """
+    import torch
+
+    x = ops.convert_to_tensor(x).to(torch.float32)
+    rows_per_block = max(1, block_bytes // (4 * table.shape[1]))
+    blocks = torch.split(ops.convert_to_tensor(table), rows_per_block)
+    return torch.cat(
+        [threaded_matmul(x, block.to(torch.float32).T) for block in blocks],
+        dim=-1,
+    )
+
+
 def _split_einsum(equation):
     """`(batch_letters, contracted_letters, output_letters)` of an einsum
     `"<batch><contracted>,<contracted><out>-><batch><out>"`, else None."""
@@ -96,7 +117,10 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
 
     Applies to equations that contract the input's trailing axes with the
     kernel's leading axes (`"btd,dnh->btnh"`, `"btnh,nhd->btd"`); any
-    other equation, and every quantized call, is Keras' own.
+    other equation is Keras' own. When int8-quantized, outside autograd
+    (generation) on PyTorch, the int8 inputs and kernel are multiplied as
+    float32 (exact products; Keras uses a slow int32 matmul there); every
+    other quantized call is Keras' own.
 
     Example:
 
@@ -112,13 +136,47 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
     def call(self, inputs, training=None):
         if keras.config.backend() != "torch" or self._matmul_axes is None:
             return super().call(inputs, training=training)
-        batch, contracted, kept = self._matmul_axes
-        kernel = self.kernel
+        return self._finish(self._matmul(inputs, self.kernel))
+
+    def _int8_call(self, inputs, training=None):
+        # Keras multiplies int8 by int8 as int32 on PyTorch, which has no
+        # fast int32 matmul on CPU. Outside autograd (generation) the same
+        # int8 values are multiplied as float32, where products are exact.
+        if keras.config.backend() != "torch" or not self._int8_as_float():
+            return super()._int8_call(inputs, training=training)
+        quantized, inputs_scale = self.inputs_quantizer(
+            inputs, axis=self.quantization_axis
+        )
+        inputs_scale = self._adjust_scale_for_quant(inputs_scale, "input")
+        x = self._matmul(
+            ops.cast(quantized, "float32"), ops.cast(self._kernel, "float32")
+        )
+        x = ops.divide(
+            ops.cast(x, self.compute_dtype),
+            ops.multiply(inputs_scale, self.kernel_scale),
+        )
+        return self._finish(x)
+
+    def _int8_as_float(self):
+        import torch
+
+        return (
+            self._matmul_axes is not None
+            and self.inputs_quantizer is not None
+            and not self.lora_enabled
+            and not torch.is_grad_enabled()
+        )
+
+    def _matmul(self, inputs, kernel):
+        """`einsum(equation, inputs, kernel)` as one `threaded_matmul`."""
+        batch, contracted, _ = self._matmul_axes
         kept_shape = tuple(kernel.shape[len(contracted) :])
         leading = tuple(inputs.shape[: len(batch)])
         x = ops.reshape(inputs, (*leading, -1))
         kernel = ops.reshape(kernel, (-1, math.prod(kept_shape)))
-        x = ops.reshape(threaded_matmul(x, kernel), (*leading, *kept_shape))
+        return ops.reshape(threaded_matmul(x, kernel), (*leading, *kept_shape))
+
+    def _finish(self, x):
         if self.bias is not None:
             x = ops.add(x, self.bias)
         if self.activation is not None:
@@ -126,14 +184,15 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
         return x
 
     def quantize(self, mode=None, type_check=True, config=None):
-        # Keras refuses subclasses by default; only the float call differs
-        # here, so Keras' quantized layer applies unchanged.
+        # Keras refuses subclasses by default; the weights and quantizers
+        # are Keras' own, so its quantization applies unchanged.
         super().quantize(mode, type_check=False, config=config)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
-    """`keras.layers.ReversibleEmbedding` whose float reverse projection
-    (hidden states to logits) uses `threaded_matmul`.
+    """`keras.layers.ReversibleEmbedding` whose reverse projection (hidden
+    states to logits) uses `threaded_matmul`, and, when int8-quantized,
+    `int8_matmul_by_blocks` (PyTorch).
 
     It keeps Keras' class name on purpose: Keras' weight files key a
     functional model's layers by class name, so presets saved with the
@@ -156,13 +215,31 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         if self.reverse_dtype is not None:
             inputs = ops.cast(inputs, self.reverse_dtype)
             kernel = ops.cast(kernel, self.reverse_dtype)
-        logits = threaded_matmul(inputs, kernel)
-        if self.logit_soft_cap is not None:
-            cap = self.logit_soft_cap
-            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-        return logits
+        return self._soft_cap(threaded_matmul(inputs, kernel))
+
+    def _int8_call(self, inputs, reverse=False):
+        if keras.config.backend() != "torch" or not (
+            reverse and self.tie_weights
+        ):
+            return super()._int8_call(inputs, reverse=reverse)
+        if self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs)
+        else:
+            inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
+        logits = int8_matmul_by_blocks(inputs, self._embeddings)
+        logits = ops.divide(
+            ops.cast(logits, self.compute_dtype),
+            ops.multiply(inputs_scale, self.embeddings_scale),
+        )
+        return self._soft_cap(logits)
+
+    def _soft_cap(self, logits):
+        if self.logit_soft_cap is None:
+            return logits
+        cap = self.logit_soft_cap
+        return ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
 
     def quantize(self, mode=None, type_check=True, config=None):
-        # Keras refuses subclasses by default; only the float call differs
-        # here, so Keras' quantized layer applies unchanged.
+        # Keras refuses subclasses by default; the weights and quantizers
+        # are Keras' own, so its quantization applies unchanged.
         super().quantize(mode, type_check=False, config=config)

@@ -95,6 +95,29 @@ def test_threaded_einsum_dense_equals_einsum_dense(
     np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
 
 
+@pytest.mark.parametrize("equation", ["btd,dnh->btnh", "btd,dnh->bnth"])
+def test_int8_einsum_dense_outside_autograd_equals_keras(equation, bmm_calls):
+    """Generation's int8 product (float32 on torch) equals Keras' int32."""
+    output_shape = (None, 3, 4) if equation.endswith("btnh") else (3, None, 4)
+    ours = ThreadedEinsumDense(equation, output_shape)
+    theirs = keras.layers.EinsumDense(equation, output_shape)
+    kernel = RNG.normal(size=(12, 3, 4)).astype("float32")
+    for layer in (ours, theirs):
+        layer.build((2, 1, 12))
+        layer.kernel.assign(kernel)
+        layer.quantize("int8")
+    x = RNG.normal(size=(2, 1, 12)).astype("float32")
+    if bmm_calls is None:
+        np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-5)
+        return
+    import torch
+
+    with torch.no_grad():
+        out, expected = numpy(ours(x)), numpy(theirs(x))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert len(bmm_calls) == (equation == "btd,dnh->btnh")
+
+
 def test_reversible_embedding_matches_and_loads_keras_weights(tmp_path):
     def model(embedding_class):
         tokens = keras.Input((3,), dtype="int32")
@@ -109,5 +132,17 @@ def test_reversible_embedding_matches_and_loads_keras_weights(tmp_path):
     np.testing.assert_allclose(logits, numpy(theirs(tokens)), atol=1e-5)
     assert np.abs(logits).max() < 2.0  # soft-capped
 
-    ours.layers[1].quantize("int8")
+    for layer in (ours.layers[1], theirs.layers[1]):
+        layer.quantize("int8")
     assert ours.layers[1].quantization_mode == "int8"
+    np.testing.assert_allclose(numpy(ours(tokens)), numpy(theirs(tokens)), atol=1e-5)
+
+
+def test_int8_matmul_by_blocks_equals_int32_product():
+    if keras.config.backend() != "torch":
+        pytest.skip("Keras' own int8 product is used off PyTorch")
+    x = RNG.integers(-127, 128, size=(2, 1, 16)).astype("int8")
+    table = RNG.integers(-127, 128, size=(10, 16)).astype("int8")
+    out = tm.int8_matmul_by_blocks(x, table, block_bytes=3 * 16 * 4)  # 4 blocks
+    expected = x.astype("int32") @ table.T.astype("int32")
+    np.testing.assert_array_equal(numpy(out), expected)
