@@ -61,6 +61,8 @@ def threaded_matmul(x, kernel):
 
     x = ops.convert_to_tensor(x)
     kernel = ops.convert_to_tensor(kernel)
+    dtype = torch.promote_types(x.dtype, kernel.dtype)  # as `ops.matmul`
+    x, kernel = x.to(dtype), kernel.to(dtype)
     depth, columns = kernel.shape
     rows = math.prod(x.shape[:-1])
     blocks = _thread_blocks(columns)

@@ -146,3 +146,13 @@ def test_int8_matmul_by_blocks_equals_int32_product():
     out = tm.int8_matmul_by_blocks(x, table, block_bytes=3 * 16 * 4)  # 4 blocks
     expected = x.astype("int32") @ table.T.astype("int32")
     np.testing.assert_array_equal(numpy(out), expected)
+
+
+def test_mixed_dtypes_promote_as_matmul():
+    """bfloat16 activations against float32 weights (mixed precision)."""
+    x = ops.cast(RNG.normal(size=(1, 1, 12)).astype("float32"), "bfloat16")
+    kernel = RNG.normal(size=(12, 10)).astype("float32")
+    out = threaded_matmul(x, kernel)
+    expected = ops.matmul(x, kernel)
+    assert ops.dtype(out) == ops.dtype(expected) == "float32"
+    np.testing.assert_allclose(numpy(out), numpy(expected), atol=1e-4)
