@@ -14,8 +14,10 @@ rounding. Other backends, devices and matmuls with many rows (prefill,
 training) take the ordinary path; XLA already spreads them over threads.
 
 `ThreadedEinsumDense` and `ReversibleEmbedding` are drop-in
-subclasses of the Keras layers that take this path in their float call;
-quantized calls (int8, int4) are Keras' own and unchanged.
+subclasses of the Keras layers that take this path in their float call.
+int8-quantized, on PyTorch, they also avoid Keras' int32 product (slow,
+and for the embedding a 2.4 GB copy per step); other quantized calls are
+Keras' own.
 """
 
 import math
@@ -164,7 +166,8 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
 
         return (
             self._matmul_axes is not None
-            and self.inputs_quantizer is not None
+            and hasattr(self, "_adjust_scale_for_quant")  # else Keras' path
+            and getattr(self, "inputs_quantizer", None) is not None
             and not self.lora_enabled
             and not torch.is_grad_enabled()
         )
@@ -185,10 +188,10 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
             x = self.activation(x)
         return x
 
-    def quantize(self, mode=None, type_check=True, config=None):
+    def quantize(self, mode=None, type_check=True, **kwargs):
         # Keras refuses subclasses by default; the weights and quantizers
         # are Keras' own, so its quantization applies unchanged.
-        super().quantize(mode, type_check=False, config=config)
+        super().quantize(mode, type_check=False, **kwargs)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
@@ -221,7 +224,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
 
     def _int8_call(self, inputs, reverse=False):
         if keras.config.backend() != "torch" or not (
-            reverse and self.tie_weights
+            reverse and self.tie_weights and hasattr(self, "inputs_quantizer")
         ):
             return super()._int8_call(inputs, reverse=reverse)
         if self.inputs_quantizer:
@@ -241,7 +244,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         cap = self.logit_soft_cap
         return ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
 
-    def quantize(self, mode=None, type_check=True, config=None):
+    def quantize(self, mode=None, type_check=True, **kwargs):
         # Keras refuses subclasses by default; the weights and quantizers
         # are Keras' own, so its quantization applies unchanged.
-        super().quantize(mode, type_check=False, config=config)
+        super().quantize(mode, type_check=False, **kwargs)
