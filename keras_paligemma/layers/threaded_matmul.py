@@ -13,8 +13,9 @@ element is the same dot product, so results match `x @ kernel` to float
 rounding. Other backends, devices and matmuls with many rows (prefill,
 training) take the ordinary path; XLA already spreads them over threads.
 
-`ThreadedEinsumDense` and `ReversibleEmbedding` are drop-in
-subclasses of the Keras layers that take this path in their float call.
+`ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
+drop-in subclasses of the Keras layers that take this path in their
+float call.
 int8-quantized, on PyTorch, they also avoid Keras' int32 product (slow,
 and for the embedding a 2.4 GB copy per step); other quantized calls are
 Keras' own.
@@ -116,7 +117,37 @@ def _split_einsum(equation):
     return batch, contracted, kept
 
 
-class ThreadedEinsumDense(keras.layers.EinsumDense):
+class _ThreadedDenseMethods:
+    """What the two dense layers share: bias and activation, when the int8
+    product may run as float32, and Keras' quantization."""
+
+    def _finish(self, x):
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def _int8_as_float(self):
+        """PyTorch, outside autograd (generation), no LoRA, Keras' input
+        quantizer present (older Keras versions take Keras' path)."""
+        if keras.config.backend() != "torch":
+            return False
+        import torch
+
+        return (
+            getattr(self, "inputs_quantizer", None) is not None
+            and not self.lora_enabled
+            and not torch.is_grad_enabled()
+        )
+
+    def quantize(self, mode=None, type_check=True, **kwargs):
+        # Keras refuses subclasses by default; the weights and quantizers
+        # are Keras' own, so its quantization applies unchanged.
+        super().quantize(mode, type_check=False, **kwargs)
+
+
+class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` whose float call uses `threaded_matmul`.
 
     Applies to equations that contract the input's trailing axes with the
@@ -144,9 +175,13 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
 
     def _int8_call(self, inputs, training=None):
         # Keras multiplies int8 by int8 as int32 on PyTorch, which has no
-        # fast int32 matmul on CPU. Outside autograd (generation) the same
-        # int8 values are multiplied as float32, where products are exact.
-        if keras.config.backend() != "torch" or not self._int8_as_float():
+        # fast int32 matmul on CPU. In generation the same int8 values are
+        # multiplied as float32, where the products are exact.
+        if not (
+            self._int8_as_float()
+            and self._matmul_axes is not None
+            and hasattr(self, "_adjust_scale_for_quant")
+        ):
             return super()._int8_call(inputs, training=training)
         quantized, inputs_scale = self.inputs_quantizer(
             inputs, axis=self.quantization_axis
@@ -161,17 +196,6 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
         )
         return self._finish(x)
 
-    def _int8_as_float(self):
-        import torch
-
-        return (
-            self._matmul_axes is not None
-            and hasattr(self, "_adjust_scale_for_quant")  # else Keras' path
-            and getattr(self, "inputs_quantizer", None) is not None
-            and not self.lora_enabled
-            and not torch.is_grad_enabled()
-        )
-
     def _matmul(self, inputs, kernel):
         """`einsum(equation, inputs, kernel)` as one `threaded_matmul`."""
         batch, contracted, _ = self._matmul_axes
@@ -181,17 +205,35 @@ class ThreadedEinsumDense(keras.layers.EinsumDense):
         kernel = ops.reshape(kernel, (-1, math.prod(kept_shape)))
         return ops.reshape(threaded_matmul(x, kernel), (*leading, *kept_shape))
 
-    def _finish(self, x):
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
+    """`keras.layers.Dense` whose float call uses `threaded_matmul` and
+    whose int8 product, in generation on PyTorch, runs as float32 (as
+    `ThreadedEinsumDense`).
 
-    def quantize(self, mode=None, type_check=True, **kwargs):
-        # Keras refuses subclasses by default; the weights and quantizers
-        # are Keras' own, so its quantization applies unchanged.
-        super().quantize(mode, type_check=False, **kwargs)
+    Example:
+
+    >>> layer = ThreadedDense(6)
+    >>> tuple(layer(keras.ops.ones((2, 1, 8))).shape)
+    (2, 1, 6)
+    """
+
+    def call(self, inputs, training=None):
+        if keras.config.backend() != "torch":
+            return super().call(inputs, training=training)
+        return self._finish(threaded_matmul(inputs, self.kernel))
+
+    def _int8_call(self, inputs, training=None):
+        if not self._int8_as_float():
+            return super()._int8_call(inputs, training=training)
+        quantized, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
+        x = threaded_matmul(
+            ops.cast(quantized, "float32"), ops.cast(self._kernel, "float32")
+        )
+        x = ops.divide(
+            ops.cast(x, self.compute_dtype),
+            ops.multiply(self.kernel_scale, inputs_scale),
+        )
+        return self._finish(x)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):

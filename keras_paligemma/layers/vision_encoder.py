@@ -3,6 +3,11 @@
 import keras
 from keras import ops
 
+from keras_paligemma.layers.threaded_matmul import (
+    ThreadedDense,
+    ThreadedEinsumDense,
+)
+
 
 class VisionEncoderBlock(keras.layers.Layer):
     """Pre-LayerNorm ViT block: `x + mha(ln(x))`, then `x + mlp(ln(x))`."""
@@ -24,7 +29,7 @@ class VisionEncoderBlock(keras.layers.Layer):
         common = dict(dtype=self.dtype_policy)
 
         def heads(name):
-            return keras.layers.EinsumDense(
+            return ThreadedEinsumDense(
                 "btd,dnh->btnh",
                 (None, num_heads, head_dim),
                 bias_axes="nh",
@@ -38,7 +43,7 @@ class VisionEncoderBlock(keras.layers.Layer):
         self.query_dense = heads("query")
         self.key_dense = heads("key")
         self.value_dense = heads("value")
-        self.attention_output = keras.layers.EinsumDense(
+        self.attention_output = ThreadedEinsumDense(
             "btnh,nhd->btd",
             (None, hidden_dim),
             bias_axes="d",
@@ -48,8 +53,8 @@ class VisionEncoderBlock(keras.layers.Layer):
         self.mlp_norm = keras.layers.LayerNormalization(
             epsilon=epsilon, name="mlp_norm", **common
         )
-        self.mlp_in = keras.layers.Dense(intermediate_dim, name="mlp_in", **common)
-        self.mlp_out = keras.layers.Dense(hidden_dim, name="mlp_out", **common)
+        self.mlp_in = ThreadedDense(intermediate_dim, name="mlp_in", **common)
+        self.mlp_out = ThreadedDense(hidden_dim, name="mlp_out", **common)
 
     def build(self, input_shape):
         head_dim = self.hidden_dim // self.num_heads
@@ -159,7 +164,7 @@ class VisionEncoder(keras.layers.Layer):
         self.encoder_norm = keras.layers.LayerNormalization(
             epsilon=epsilon, name="encoder_norm", **common
         )
-        self.projector = keras.layers.Dense(
+        self.projector = ThreadedDense(
             output_dim, name="projector", **common
         )
 

@@ -8,6 +8,7 @@ from keras import ops
 from keras_paligemma.layers import threaded_matmul as tm
 from keras_paligemma.layers.threaded_matmul import (
     ReversibleEmbedding,
+    ThreadedDense,
     ThreadedEinsumDense,
     threaded_matmul,
 )
@@ -156,3 +157,29 @@ def test_mixed_dtypes_promote_as_matmul():
     expected = ops.matmul(x, kernel)
     assert ops.dtype(out) == ops.dtype(expected) == "float32"
     np.testing.assert_allclose(numpy(out), numpy(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 256])
+def test_threaded_dense_equals_dense_float_and_int8(rows, bmm_calls):
+    """SigLIP's `Dense` layers: float and int8 (as float32 in generation)."""
+    ours, theirs = ThreadedDense(10), keras.layers.Dense(10)
+    kernel = RNG.normal(size=(12, 10)).astype("float32")
+    for layer in (ours, theirs):
+        layer.build((None, rows, 12))
+        layer.kernel.assign(kernel)
+        layer.bias.assign(np.arange(10, dtype="float32"))
+    x = RNG.normal(size=(1, rows, 12)).astype("float32")
+    np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
+    for layer in (ours, theirs):
+        layer.quantize("int8")
+    assert ours.quantization_mode == "int8"
+    if bmm_calls is None:
+        np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
+        return
+    import torch
+
+    bmm_calls.clear()
+    with torch.no_grad():
+        out, expected = numpy(ours(x)), numpy(theirs(x))
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    assert len(bmm_calls) == (rows <= tm.MAX_ROWS)
