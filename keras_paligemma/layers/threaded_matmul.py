@@ -15,10 +15,9 @@ training) take the ordinary path; XLA already spreads them over threads.
 
 `ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
 drop-in subclasses of the Keras layers that take this path in their
-float call.
-int8-quantized, on PyTorch, they also avoid Keras' int32 product (slow,
-and for the embedding a 2.4 GB copy per step); other quantized calls are
-Keras' own.
+float call. int8-quantized, on PyTorch, they also avoid Keras' int32
+product (slow, and for the embedding a 2.4 GB copy per step); other
+quantized calls are Keras' own.
 """
 
 import math
@@ -128,6 +127,18 @@ class _ThreadedDenseMethods:
             x = self.activation(x)
         return x
 
+    def _int8_product_as_float(self, matmul, quantized, inputs_scale):
+        """`matmul` of the int8 inputs and kernel as float32 (the products
+        are exact), de-scaled as Keras does, then bias and activation."""
+        x = matmul(
+            ops.cast(quantized, "float32"), ops.cast(self._kernel, "float32")
+        )
+        x = ops.divide(
+            ops.cast(x, self.compute_dtype),
+            ops.multiply(inputs_scale, self.kernel_scale),
+        )
+        return self._finish(x)
+
     def _int8_as_float(self):
         """PyTorch, outside autograd (generation), no LoRA, Keras' input
         quantizer present (older Keras versions take Keras' path)."""
@@ -187,14 +198,7 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
             inputs, axis=self.quantization_axis
         )
         inputs_scale = self._adjust_scale_for_quant(inputs_scale, "input")
-        x = self._matmul(
-            ops.cast(quantized, "float32"), ops.cast(self._kernel, "float32")
-        )
-        x = ops.divide(
-            ops.cast(x, self.compute_dtype),
-            ops.multiply(inputs_scale, self.kernel_scale),
-        )
-        return self._finish(x)
+        return self._int8_product_as_float(self._matmul, quantized, inputs_scale)
 
     def _matmul(self, inputs, kernel):
         """`einsum(equation, inputs, kernel)` as one `threaded_matmul`."""
@@ -204,6 +208,7 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
         x = ops.reshape(inputs, (*leading, -1))
         kernel = ops.reshape(kernel, (-1, math.prod(kept_shape)))
         return ops.reshape(threaded_matmul(x, kernel), (*leading, *kept_shape))
+
 
 class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
     """`keras.layers.Dense` whose float call uses `threaded_matmul` and
@@ -226,14 +231,9 @@ class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
         if not self._int8_as_float():
             return super()._int8_call(inputs, training=training)
         quantized, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
-        x = threaded_matmul(
-            ops.cast(quantized, "float32"), ops.cast(self._kernel, "float32")
+        return self._int8_product_as_float(
+            threaded_matmul, quantized, inputs_scale
         )
-        x = ops.divide(
-            ops.cast(x, self.compute_dtype),
-            ops.multiply(self.kernel_scale, inputs_scale),
-        )
-        return self._finish(x)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
