@@ -15,6 +15,9 @@ included) is reported, with the int8/float32 ratio.
 
 The build step holds the float32 model and its int8 copy at once (about
 1.3x the float32 weights: 15 GB for 3B); the measured steps hold one.
+`--keep` keeps the presets (and what they were built for); a later run
+with the same `--preset` and `--layers` reuses them, any other run
+refuses that `--workdir`.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import time
 
+BUILT_FOR = "built_for.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -51,6 +55,17 @@ def build(preset, layers, workdir):
     backbone.save_to_preset(os.path.join(workdir, "float32"))
     backbone.quantize("int8")
     backbone.save_to_preset(os.path.join(workdir, "int8"))
+    with open(os.path.join(workdir, BUILT_FOR), "w") as f:
+        json.dump({"preset": preset, "layers": layers}, f)
+
+
+def built_for(workdir):
+    """What the presets in `workdir` were built from, or None."""
+    path = os.path.join(workdir, BUILT_FOR)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def generate(preset_dir, new_tokens):
@@ -115,10 +130,13 @@ def main(argv=None):
     if args.step == "generate":
         return generate(args.preset_dir, args.new_tokens)
 
-    built = all(os.path.isfile(os.path.join(args.workdir, name, "config.json"))
-                for name in ("float32", "int8"))
+    wanted = {"preset": args.preset, "layers": args.layers}
+    built = built_for(args.workdir) == wanted
     if not built and os.path.exists(args.workdir) and os.listdir(args.workdir):
-        parser.error(f"--workdir {args.workdir} is not empty; give a new one")
+        parser.error(
+            f"--workdir {args.workdir} is not empty and holds no presets "
+            f"built for {wanted}; give a new one"
+        )
     os.makedirs(args.workdir, exist_ok=True)
     try:
         common = ["--preset", args.preset, "--workdir", args.workdir]
