@@ -12,6 +12,7 @@ MODULES = [
     "keras_paligemma.layers.attention_mask",
     "keras_paligemma.layers.rms_norm",
     "keras_paligemma.layers.rotary",
+    "keras_paligemma.layers.window_cache",
     "keras_paligemma.layers.threaded_matmul",
     "keras_paligemma.layers.vision_encoder",
     "keras_paligemma.models.backbone",

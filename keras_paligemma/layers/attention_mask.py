@@ -7,7 +7,9 @@ tokens before it. Padding is never attended.
 
 Every place that needs a mask (training forward pass, prefill, each cached
 decode step, sliding-window layers) calls `prefix_lm_attention_mask`, so the
-rule lives here only.
+rule lives here only. The one exception is the ring cache of a
+sliding-window layer while decoding (`window_cache.py`), whose slots are not
+in sequence order: `window_ring_mask` states what the rule reduces to there.
 """
 
 from keras import ops
@@ -80,3 +82,33 @@ def prefix_lm_attention_mask(
     # `ops.equal`, not `==`: symbolic Keras tensors do not overload `==`.
     query_in_prefix = ops.equal(query_stage[:, :, None], 0)
     return ops.logical_and(allowed, ops.logical_or(in_window, query_in_prefix))
+
+
+def window_ring_mask(query_positions, window):
+    """The prefix-LM mask of one decoded token over a window ring cache.
+
+    A decoded token is an answer token at position `p`; under
+    `prefix_lm_attention_mask` with `sliding_window=window` it sees every
+    valid key at positions `p - window + 1 .. p`: those keys are earlier
+    tokens, so none is at a later stage. The ring holds exactly those
+    positions (slot `j` holds the latest position `<= p` with `q % window
+    == j`), so the mask only hides the slots of negative positions, which
+    exist while the sequence is shorter than the window.
+
+    Args:
+        query_positions: int `(batch,)`, the decoded token's position.
+        window: the sliding window, which is also the ring's slot count.
+
+    Returns:
+        bool tensor `(batch, 1, window)`.
+
+    Example:
+
+    >>> mask = window_ring_mask(ops.convert_to_tensor([1, 5]), window=4)
+    >>> ops.convert_to_numpy(mask).astype(int)[:, 0].tolist()
+    [[1, 1, 0, 0], [1, 1, 1, 1]]
+    """
+    query_positions = ops.cast(query_positions, "int32")[:, None]
+    slots = ops.arange(window, dtype="int32")[None, :]
+    held = query_positions - ops.mod(query_positions - slots, window)
+    return ops.greater_equal(held, 0)[:, None, :]

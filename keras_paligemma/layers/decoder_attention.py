@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_paligemma.layers.rotary import apply_rotary_embedding
 from keras_paligemma.layers.threaded_matmul import ThreadedEinsumDense
+from keras_paligemma.layers.window_cache import write_into_ring
 
 
 def write_into_cache(cache, keys_values, index):
@@ -52,7 +53,9 @@ class DecoderAttention(keras.layers.Layer):
         cache: optional `(batch, 2, cache_length, kv_heads, head_dim)`;
             keys and values of the inputs are written at
             `cache_update_index` and attention runs over the whole cache.
-        cache_update_index: where the inputs go in the cache.
+        cache_update_index: where the inputs go in the cache: one slot for
+            every row, or int `(batch,)` slots, one per row, for a single
+            query into a sliding-window ring (`window_cache.py`).
 
     Returns:
         `outputs`, or `(outputs, updated_cache)` when a cache is given.
@@ -126,9 +129,11 @@ class DecoderAttention(keras.layers.Layer):
         )
         key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
         if cache is not None:
-            cache = write_into_cache(
-                cache, ops.stack([key, value], axis=1), cache_update_index
-            )
+            keys_values = ops.stack([key, value], axis=1)
+            if len(getattr(cache_update_index, "shape", ())) == 1:
+                cache = write_into_ring(cache, keys_values, cache_update_index)
+            else:
+                cache = write_into_cache(cache, keys_values, cache_update_index)
             key, value = cache[:, 0], cache[:, 1]
         outputs = self._attend(query, key, value, attention_mask)
         outputs = self.output_dense(outputs)

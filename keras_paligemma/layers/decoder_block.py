@@ -1,6 +1,7 @@
 """One Gemma / Gemma 2 decoder block: pre-norm attention and GeGLU FFW."""
 
 import keras
+from keras import ops
 
 from keras_paligemma.layers.decoder_attention import DecoderAttention
 from keras_paligemma.layers.rms_norm import RMSNormalization
@@ -25,7 +26,11 @@ class DecoderBlock(keras.layers.Layer):
         use_post_norms: Gemma 2's post-attention and post-FFW norms.
         layer_norm_epsilon: RMSNorm epsilon.
 
-    Call arguments: as `DecoderAttention`, with `x` of width `hidden_dim`.
+    Call arguments: as `DecoderAttention`, with `x` of width `hidden_dim`,
+    and `output_start`: `None`, or the first of the `output_length` queries
+    whose outputs are needed; the feed-forward then runs on those rows
+    alone (attention still writes every query's keys and values to the
+    cache).
     """
 
     def __init__(
@@ -93,7 +98,14 @@ class DecoderBlock(keras.layers.Layer):
             self.post_ffw_norm.build(input_shape)
 
     def call(
-        self, x, attention_mask, positions, cache=None, cache_update_index=0
+        self,
+        x,
+        attention_mask,
+        positions,
+        cache=None,
+        cache_update_index=0,
+        output_start=None,
+        output_length=1,
     ):
         attended = self.attention(
             self.pre_attention_norm(x),
@@ -104,6 +116,10 @@ class DecoderBlock(keras.layers.Layer):
         )
         if cache is not None:
             attended, cache = attended
+        if output_start is not None:
+            rows = [ops.shape(x)[0], output_length, self.hidden_dim]
+            x = ops.slice(x, [0, output_start, 0], rows)
+            attended = ops.slice(attended, [0, output_start, 0], rows)
         if self.use_post_norms:
             attended = self.post_attention_norm(attended)
         x = x + attended

@@ -9,8 +9,11 @@ from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.threaded_matmul import ReversibleEmbedding
 from keras_paligemma.layers.vision_encoder import VisionEncoder
+from keras_paligemma.layers.window_cache import holds_window_rings
+from keras_paligemma.layers.window_cache import ring_mask_and_slots
 from keras_paligemma.models.fine_tuning import FineTuning
 from keras_paligemma.models.preset_dir import check_preset_dir
+from keras_paligemma.models.preset_dir import refuse_int4
 from keras_paligemma.presets import PresetLoading
 
 
@@ -273,6 +276,7 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
         positions,
         cache=None,
         cache_update_index=0,
+        output_rows=None,
     ):
         """Run the decoder blocks and the final norm over embeddings `x`.
 
@@ -288,7 +292,14 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
             cache: `None`, or one `(batch, 2, keys, kv_heads, head_dim)`
                 tensor of keys and values per layer (a tuple): each layer
                 updates its own, so a step never copies the whole cache.
+                The sliding-window layers' may instead be rings of
+                `sliding_window` slots (`window_rings`), for decode steps.
             cache_update_index: index of the first query among the keys.
+            output_rows: `None`, or `(start, length)`: only those queries'
+                hidden states are returned, and the last block computes
+                its feed-forward for them alone (every cache is still
+                written in full). A prefill that needs one row saves most
+                of a block.
 
         Returns:
             The hidden states, or `(hidden_states, cache)` with a cache.
@@ -302,29 +313,41 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
                 [0, cache_update_index],
                 [ops.shape(x)[0], query_length],
             )
-        masks = {}
-        for window in {None, self.sliding_window}:
-            masks[window] = prefix_lm_attention_mask(
-                valid,
-                response,
-                positions,
-                query_start=cache_update_index,
-                query_length=query_length,
-                sliding_window=window,
+        # Per window: the mask and where each layer writes its cache.
+        masks = {
+            window: (
+                prefix_lm_attention_mask(
+                    valid,
+                    response,
+                    positions,
+                    query_start=cache_update_index,
+                    query_length=query_length,
+                    sliding_window=window,
+                ),
+                cache_update_index,
+            )
+            for window in {None, self.sliding_window}
+        }
+        if holds_window_rings(cache, self.sliding_window, ops.shape(valid)[1]):
+            masks[self.sliding_window] = ring_mask_and_slots(
+                query_positions, self.sliding_window
             )
         new_caches = []
         for i, block in enumerate(self.decoder_blocks):
-            mask = masks[self.sliding_window if i % 2 == 0 else None]
-            if cache is None:
-                x = block(x, mask, query_positions)
-            else:
-                x, layer_cache = block(
-                    x,
-                    mask,
-                    query_positions,
-                    cache=cache[i],
-                    cache_update_index=cache_update_index,
-                )
+            mask, index = masks[self.sliding_window if i % 2 == 0 else None]
+            last = i == len(self.decoder_blocks) - 1
+            start, length = output_rows if last and output_rows else (None, 1)
+            x = block(
+                x,
+                mask,
+                query_positions,
+                cache=None if cache is None else cache[i],
+                cache_update_index=index,
+                output_start=start,
+                output_length=length,
+            )
+            if cache is not None:
+                x, layer_cache = x
                 new_caches.append(layer_cache)
         x = self.final_norm(x)
         if cache is None:
@@ -359,17 +382,7 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
         # A task saving itself has checked the directory already.
         inside_task_save = getattr(self, "_saving_inside_task", False)
         check_preset_dir(preset_dir, overwrite or inside_task_save)
-        if any(
-            getattr(layer, "quantization_mode", None) == "int4"
-            for layer in self._flatten_layers(include_self=False)
-        ):
-            # Measured with Keras 3.15: a reloaded int4 model's logits move
-            # by up to 0.05; refuse rather than save a different model.
-            raise ValueError(
-                "int4-quantized backbones do not reload exactly with this "
-                "Keras version; save the float (or int8) model and call "
-                "`quantize('int4')` after loading."
-            )
+        refuse_int4(self)
         with self.lora_kept_apart(preset_dir):
             super().save_to_preset(preset_dir, max_shard_size=max_shard_size)
 

@@ -5,6 +5,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_paligemma.layers.window_cache import window_rings
 from keras_paligemma.models.backbone import PaliGemmaBackbone
 from keras_paligemma.models.fit_inputs import FitInputs
 from keras_paligemma.models.generate_compile import jax_generate_function
@@ -39,7 +40,12 @@ class PaliGemmaCausalLM(
       once into a KV cache of `num_image_tokens + max_length` slots (the
       longest prompt plus the answer budget), then one token is decoded
       per step. Only the first `prompt_bucket(longest prompt)` text
-      columns are prefilled, not the whole text buffer.
+      columns are prefilled, not the whole text buffer. The first answer
+      token comes from the prefill itself (with keras-hub's plain sampler
+      loop: greedy, top-k, top-p, random).
+    - With a `sliding_window` shorter than the cache, the windowed layers
+      decode from a ring of the last `sliding_window` positions
+      (`window_cache.py`) instead of a slot per column.
     - Prompts of different lengths are right-aligned inside the cache
       (each row keeps its own positions), so every row of a batch gets
       exactly the tokens it gets alone, and the decode loop starts for all
@@ -257,15 +263,52 @@ class PaliGemmaCausalLM(
             ops.zeros(cache_shape, dtype=self.compute_dtype)
             for _ in range(backbone.num_layers)
         )
+        # Samplers that run keras-hub's plain loop (greedy, top-k, top-p,
+        # random) take the first answer token from the prefill, instead of
+        # running the decoder over the last prompt token again; then only
+        # that row of the last block's feed-forward is needed. Beam and
+        # contrastive search run their own loops, which start there;
+        # contrastive search also compares the prompt's hidden states.
+        plain_loop = (
+            type(self.sampler).__call__ is keras_hub.samplers.Sampler.__call__
+        )
+        compares_hidden_states = isinstance(
+            self.sampler, keras_hub.samplers.ContrastiveSampler
+        )
+        last_column = num_image_tokens + prompt_end - 1
         hidden_states, cache = backbone.decode(
-            x, valid, response, positions, cache, 0
+            x,
+            valid,
+            response,
+            positions,
+            cache,
+            0,
+            output_rows=None if compares_hidden_states else (last_column, 1),
         )
-        # The prompts' hidden states, for samplers that compare them
-        # (contrastive search); the unfilled columns stay zero.
-        hidden_states = ops.pad(
-            hidden_states[:, num_image_tokens:],
-            [[0, 0], [0, length - prefill_length], [0, 0]],
-        )
+        index = prompt_end
+        if plain_loop:
+            logits = backbone.token_embedding(hidden_states, reverse=True)
+            first = self.sampler.get_next_token(
+                self.sampler.compute_probabilities(logits[:, 0, :])
+            )
+            prompt = ops.where(
+                columns == prompt_end, ops.cast(first, "int32")[:, None], prompt
+            )
+            index = ops.minimum(prompt_end + 1, length)
+            # Decode steps now only run answer tokens, which see no further
+            # back than the sliding window: those layers keep a ring of it.
+            last_position = ops.slice(
+                positions, [0, last_column], [batch_size, 1]
+            )
+            cache = window_rings(
+                cache, backbone.sliding_window, positions, last_position[:, 0]
+            )
+        if compares_hidden_states:
+            # The prompts' hidden states; the unfilled columns stay zero.
+            hidden_states = ops.pad(
+                hidden_states[:, num_image_tokens:],
+                [[0, 0], [0, length - prefill_length], [0, 0]],
+            )
 
         def next(prompt, cache, index):
             # Beam and contrastive samplers repeat each row (`ops.repeat`
@@ -289,8 +332,8 @@ class PaliGemmaCausalLM(
             next=next,
             prompt=prompt,
             cache=cache,
-            index=prompt_end,
-            hidden_states=hidden_states,
+            index=index,
+            hidden_states=hidden_states if compares_hidden_states else None,
             mask=in_prompt,
             stop_token_ids=stop_token_ids,
             model=self,
