@@ -21,8 +21,10 @@ greedy decoding without stop tokens:
 
 Models run interleaved (A B C A B C ...); each time is the best of
 `--repeats`. The same run measures memory bandwidth and matmul throughput
-for floors: decode = weight bytes per step / bandwidth, prefill = matmul
-FLOPs / throughput (each or the other bound if larger). Prints markdown
+for floors: decode = weight bytes per step / bandwidth, prefill and TTFT
+= matmul FLOPs / throughput (each or the other bound if larger; TTFT
+counts the work one answer token needs, see `benchmark_measure.floors`).
+Prints markdown
 tables; `--json` writes everything.
 
     KERAS_BACKEND=jax python tools/benchmark.py --layers 4 --vit-layers 4

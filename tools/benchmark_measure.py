@@ -96,18 +96,38 @@ def parameter_counts(backbone):
 
 
 def floors(backbone, batch, hardware, prompt_length):
-    """Lower bounds in seconds for prefill, TTFT and one decode step."""
+    """Lower bounds in seconds for prefill, TTFT and one decode step.
+
+    Prefill is the measured forward pass: every layer over image + prompt
+    and logits at every prompt position. TTFT needs less: the logits of
+    the last position only, and of the last decoder block only the keys
+    and values of the other positions (for the cache).
+    """
     counts = parameter_counts(backbone)
     bandwidth, matmul = hardware["bandwidth"], hardware["matmul"]
     image_tokens = backbone.num_image_tokens
+    prefix = image_tokens + prompt_length
     weight_bytes = 4 * sum(counts.values())
     prefill_flops = 2 * batch * (
         counts["vision"] * image_tokens
-        + counts["decoder"] * (image_tokens + prompt_length)
+        + counts["decoder"] * prefix
         + counts["embedding"] * prompt_length
+    )
+    last = backbone.decoder_blocks[-1]
+    keys_values = last.attention.key_dense.weights
+    keys_values += last.attention.value_dense.weights
+    skipped = sum(int(np.prod(w.shape)) for w in last.weights) - sum(
+        int(np.prod(w.shape)) for w in keys_values
+    )
+    ttft_flops = 2 * batch * (
+        counts["vision"] * image_tokens
+        + counts["decoder"] * prefix
+        - skipped * (prefix - 1)
+        + counts["embedding"]
     )
     step_bytes = 4 * (counts["decoder"] + counts["embedding"])
     step_flops = 2 * batch * (counts["decoder"] + counts["embedding"])
     prefill = max(prefill_flops / matmul, weight_bytes / bandwidth)
+    ttft = max(ttft_flops / matmul, weight_bytes / bandwidth)
     decode = max(step_bytes / bandwidth, step_flops / matmul)
-    return {"prefill": prefill, "ttft": prefill + decode, "decode": decode}
+    return {"prefill": prefill, "ttft": ttft, "decode": decode}

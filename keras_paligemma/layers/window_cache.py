@@ -6,8 +6,8 @@ While decoding, such a layer therefore needs `w` cache slots, not one per
 column of image + prompt + answer: position `q` lives in slot `q % w`, and
 each new token overwrites the position that just left its window. The
 prefix (image + prompt) still attends to itself in full during the
-prefill, which runs on the full cache; `ring_from_cache` then keeps the
-window of it that decoding needs.
+prefill, which runs on the full cache; `window_rings` then keeps the window
+of it that decoding needs.
 
 Rows of a batch keep their own positions (padding does not count), so the
 slot written at a decode step is per row.
@@ -31,17 +31,17 @@ def window_rings(cache, sliding_window, positions, last_position):
         cache: a tuple of per-layer `(batch, 2, columns, kv_heads,
             head_dim)` caches, prefilled.
         sliding_window: `None` or the window.
-        positions, last_position: see `ring_from_cache`.
+        positions, last_position: see `ring_columns`.
     """
     columns = cache[0].shape[2]
     if sliding_window is None or not isinstance(columns, int):
         return cache
     if sliding_window >= columns:
         return cache
+    # Which column each slot takes, for every row: the same in all layers.
+    taken = ring_columns(positions, last_position, sliding_window)
     return tuple(
-        ring_from_cache(c, positions, last_position, sliding_window)
-        if i % 2 == 0
-        else c
+        ring_from_cache(c, taken) if i % 2 == 0 else c
         for i, c in enumerate(cache)
     )
 
@@ -78,32 +78,30 @@ def ring_mask_and_slots(query_positions, window):
     return window_ring_mask(query_positions, window), slots
 
 
-def ring_from_cache(cache, positions, last_position, window):
-    """The ring of the last `window` positions of a prefilled cache.
+def ring_columns(positions, last_position, window):
+    """For each ring slot, the column of the position it holds.
+
+    Slot `j` holds position `q` with `q % window == j` and `last_position
+    - window < q <= last_position`. While the prefix is shorter than the
+    window, the slots of negative positions take column 0, a stand-in that
+    `window_ring_mask` hides.
 
     Args:
-        cache: `(batch, 2, columns, kv_heads, head_dim)` keys and values,
-            one slot per column.
         positions: int `(batch, columns)`, each column's position: the
             count of valid columns before it (`sequence_layout`).
         last_position: int `(batch,)`, each row's last prefilled position.
-        window: the sliding window (an int smaller than `columns`).
+        window: the sliding window.
 
     Returns:
-        `(batch, 2, window, kv_heads, head_dim)`: slot `j` holds position
-        `q` with `q % window == j` and `last_position - window < q <=
-        last_position`; slots of negative positions hold zeros' place-
-        holders that `window_ring_mask` hides.
+        int `(batch, window)` column indices.
 
     Example:
 
-    >>> cache = ops.reshape(ops.arange(5, dtype="float32"), (1, 1, 5, 1, 1))
     >>> positions = ops.convert_to_tensor([[0, 1, 1, 2, 3]])  # column 2 pads
-    >>> ring = ring_from_cache(cache, positions, ops.array([3]), window=2)
-    >>> ops.convert_to_numpy(ring).ravel().tolist()  # positions 2 and 3
-    [3.0, 4.0]
+    >>> columns = ring_columns(positions, ops.array([3]), window=2)
+    >>> ops.convert_to_numpy(columns).tolist()  # positions 2 and 3
+    [[3, 4]]
     """
-    batch, columns = ops.shape(positions)[0], ops.shape(positions)[1]
     last_position = ops.cast(last_position, "int32")[:, None]
     slots = ops.arange(window, dtype="int32")[None, :]
     # The position each slot holds: the latest one `<= last` in its class.
@@ -112,14 +110,29 @@ def ring_from_cache(cache, positions, last_position, window):
     before = ops.less(
         ops.cast(positions, "int32")[:, None, :], held[:, :, None]
     )
-    column = ops.sum(ops.cast(before, "int32"), axis=-1)
-    column = ops.minimum(column, columns - 1)
-    rows = ops.arange(batch, dtype="int32")[:, None] * columns
+    return ops.sum(ops.cast(before, "int32"), axis=-1)
+
+
+def ring_from_cache(cache, columns):
+    """The ring of a prefilled cache: slot `j` of row `b` takes the
+    keys and values of column `columns[b, j]` (see `ring_columns`).
+
+    Args:
+        cache: `(batch, 2, cache_columns, kv_heads, head_dim)` keys and
+            values, one slot per column.
+        columns: int `(batch, window)`.
+
+    Returns:
+        `(batch, 2, window, kv_heads, head_dim)`.
+    """
+    batch, window = ops.shape(columns)[0], ops.shape(columns)[1]
+    cache_columns = ops.shape(cache)[2]
+    rows = ops.arange(batch, dtype="int32")[:, None] * cache_columns
     flat = ops.reshape(
         ops.transpose(cache, (0, 2, 1, 3, 4)),
         (-1,) + tuple(cache.shape[1:2]) + tuple(cache.shape[3:]),
     )
-    ring = ops.take(flat, ops.reshape(rows + column, (-1,)), axis=0)
+    ring = ops.take(flat, ops.reshape(rows + columns, (-1,)), axis=0)
     ring = ops.reshape(ring, (batch, window) + tuple(ring.shape[1:]))
     return ops.transpose(ring, (0, 2, 1, 3, 4))
 

@@ -10,6 +10,7 @@ from keras_paligemma import PaliGemmaBackbone
 from keras_paligemma import PaliGemmaCausalLM
 from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
 from keras_paligemma.layers.attention_mask import window_ring_mask
+from keras_paligemma.layers.window_cache import ring_columns
 from keras_paligemma.layers.window_cache import ring_from_cache
 from keras_paligemma.layers.window_cache import write_into_ring
 
@@ -37,8 +38,9 @@ def test_ring_holds_the_window_and_the_mask_shows_exactly_it():
     valid = np.array([[1] * 6, [1, 1, 0, 0, 1, 1]], bool)
     cache = np.arange(2 * 2 * 6, dtype="float32").reshape(2, 2, 6, 1, 1)
     window = 3
-    ring = ops.convert_to_numpy(ring_from_cache(
-        ops.convert_to_tensor(cache), positions, np.array([5, 3]), window))
+    taken = ring_columns(positions, np.array([5, 3]), window)
+    ring = ops.convert_to_numpy(
+        ring_from_cache(ops.convert_to_tensor(cache), taken))
     # Slot j holds the latest position q <= last with q % 3 == j.
     for row, columns in enumerate([[3, 4, 5], [5, 1, 4]]):
         np.testing.assert_array_equal(ring[row, :, :, 0, 0],
