@@ -27,10 +27,9 @@ class DecoderBlock(keras.layers.Layer):
         layer_norm_epsilon: RMSNorm epsilon.
 
     Call arguments: as `DecoderAttention`, with `x` of width `hidden_dim`,
-    and `output_start`: `None`, or the first of the `output_length` queries
-    whose outputs are needed; the feed-forward then runs on those rows
-    alone (attention still writes every query's keys and values to the
-    cache).
+    and `output_index`: `None`, or the index of the one query whose output
+    is needed; the feed-forward then runs on that row alone (attention
+    still writes every query's keys and values to the cache).
     """
 
     def __init__(
@@ -104,8 +103,7 @@ class DecoderBlock(keras.layers.Layer):
         positions,
         cache=None,
         cache_update_index=0,
-        output_start=None,
-        output_length=1,
+        output_index=None,
     ):
         attended = self.attention(
             self.pre_attention_norm(x),
@@ -116,10 +114,12 @@ class DecoderBlock(keras.layers.Layer):
         )
         if cache is not None:
             attended, cache = attended
-        if output_start is not None:
-            rows = [ops.shape(x)[0], output_length, self.hidden_dim]
-            x = ops.slice(x, [0, output_start, 0], rows)
-            attended = ops.slice(attended, [0, output_start, 0], rows)
+        if output_index is not None:
+            # The row's size is a literal: under `jax.checkpoint`
+            # (`enable_remat`) every call argument is traced.
+            row = [ops.shape(x)[0], 1, self.hidden_dim]
+            x = ops.slice(x, [0, output_index, 0], row)
+            attended = ops.slice(attended, [0, output_index, 0], row)
         if self.use_post_norms:
             attended = self.post_attention_norm(attended)
         x = x + attended

@@ -83,8 +83,8 @@ def ring_columns(positions, last_position, window):
 
     Slot `j` holds position `q` with `q % window == j` and `last_position
     - window < q <= last_position`. While the prefix is shorter than the
-    window, the slots of negative positions take column 0, a stand-in that
-    `window_ring_mask` hides.
+    window, the slots of negative positions take the column of position 0,
+    a stand-in that `window_ring_mask` hides.
 
     Args:
         positions: int `(batch, columns)`, each column's position: the
@@ -102,15 +102,26 @@ def ring_columns(positions, last_position, window):
     >>> ops.convert_to_numpy(columns).tolist()  # positions 2 and 3
     [[3, 4]]
     """
+    positions = ops.cast(positions, "int32")
+    columns = ops.shape(positions)[1]
     last_position = ops.cast(last_position, "int32")[:, None]
     slots = ops.arange(window, dtype="int32")[None, :]
-    # The position each slot holds: the latest one `<= last` in its class.
+    # The position each slot holds: the latest one `<= last` in its class
+    # (negative ones are hidden; any column will do for them).
     held = last_position - ops.mod(last_position - slots, window)
-    # Its column: the number of columns before the first one at `held`.
-    before = ops.less(
-        ops.cast(positions, "int32")[:, None, :], held[:, :, None]
+    held = ops.maximum(held, 0)
+    # Positions never decrease along a row, so the column of `held` is the
+    # count of columns at lower positions: a sorted search. One flat search
+    # serves all rows, each row's values lifted above the rows before it.
+    rows = ops.arange(ops.shape(positions)[0], dtype="int32")[:, None]
+    lift = rows * (columns + 1)
+    found = ops.searchsorted(
+        ops.reshape(positions + lift, (-1,)),
+        ops.reshape(held + lift, (-1,)),
+        side="left",
     )
-    return ops.sum(ops.cast(before, "int32"), axis=-1)
+    found = ops.reshape(ops.cast(found, "int32"), (-1, window))
+    return found - rows * columns
 
 
 def ring_from_cache(cache, columns):
@@ -141,9 +152,9 @@ def write_into_ring(ring, keys_values, slots):
     """`ring` with one token's `keys_values` written at each row's slot.
 
     `keys_values` is `(batch, 2, 1, kv_heads, head_dim)`, `slots` int
-    `(batch,)`. On PyTorch outside autograd (generation) the ring is
-    written in place, as `write_into_cache` does; under XLA the select
-    over the ring updates the loop-carried buffer.
+    `(batch,)`. On PyTorch outside autograd (generation) the slots are
+    written in place, as `write_into_cache` does; elsewhere a select
+    rewrites the ring (`window` slots per layer and step).
     """
     if keras.config.backend() == "torch":
         import torch

@@ -276,7 +276,7 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
         positions,
         cache=None,
         cache_update_index=0,
-        output_rows=None,
+        output_index=None,
     ):
         """Run the decoder blocks and the final norm over embeddings `x`.
 
@@ -295,11 +295,11 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
                 The sliding-window layers' may instead be rings of
                 `sliding_window` slots (`window_rings`), for decode steps.
             cache_update_index: index of the first query among the keys.
-            output_rows: `None`, or `(start, length)`: only those queries'
-                hidden states are returned, and the last block computes
-                its feed-forward for them alone (every cache is still
-                written in full). A prefill that needs one row saves most
-                of a block.
+            output_index: `None`, or the index of the one query whose
+                hidden state is returned, `(batch, 1, hidden_dim)`; the
+                last block then computes its feed-forward for that row
+                alone (every cache is still written in full). A prefill
+                that needs one row saves most of a block.
 
         Returns:
             The hidden states, or `(hidden_states, cache)` with a cache.
@@ -314,6 +314,10 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
                 [ops.shape(x)[0], query_length],
             )
         # Per window: the mask and where each layer writes its cache.
+        rings = holds_window_rings(
+            cache, self.sliding_window, ops.shape(valid)[1]
+        )
+        windows = {None} if rings else {None, self.sliding_window}
         masks = {
             window: (
                 prefix_lm_attention_mask(
@@ -326,9 +330,9 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
                 ),
                 cache_update_index,
             )
-            for window in {None, self.sliding_window}
+            for window in windows
         }
-        if holds_window_rings(cache, self.sliding_window, ops.shape(valid)[1]):
+        if rings:
             masks[self.sliding_window] = ring_mask_and_slots(
                 query_positions, self.sliding_window
             )
@@ -336,18 +340,19 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
         for i, block in enumerate(self.decoder_blocks):
             mask, index = masks[self.sliding_window if i % 2 == 0 else None]
             last = i == len(self.decoder_blocks) - 1
-            start, length = output_rows if last and output_rows else (None, 1)
-            x = block(
-                x,
-                mask,
-                query_positions,
-                cache=None if cache is None else cache[i],
-                cache_update_index=index,
-                output_start=start,
-                output_length=length,
-            )
-            if cache is not None:
-                x, layer_cache = x
+            if cache is None:
+                # Positional only: TensorFlow's remat (`enable_remat`) takes
+                # no keyword arguments in graph mode.
+                x = block(x, mask, query_positions)
+            else:
+                x, layer_cache = block(
+                    x,
+                    mask,
+                    query_positions,
+                    cache=cache[i],
+                    cache_update_index=index,
+                    output_index=output_index if last else None,
+                )
                 new_caches.append(layer_cache)
         x = self.final_norm(x)
         if cache is None:

@@ -283,7 +283,7 @@ class PaliGemmaCausalLM(
             positions,
             cache,
             0,
-            output_rows=None if compares_hidden_states else (last_column, 1),
+            output_index=None if compares_hidden_states else last_column,
         )
         index = prompt_end
         if plain_loop:

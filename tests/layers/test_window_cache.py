@@ -82,7 +82,7 @@ def ragged_inputs(batch_lengths, length):
             "padding_mask": token_ids != 0}
 
 
-def recorded_cache_slots(model, inputs):
+def recorded_cache_slots(model, inputs, stop_token_ids=None):
     """Generate, recording every decode step's per-layer cache lengths."""
     seen = []
     decode = model.backbone.decode
@@ -95,7 +95,7 @@ def recorded_cache_slots(model, inputs):
 
     model.backbone.decode = recording
     try:
-        out = model.generate(inputs, stop_token_ids=None)
+        out = model.generate(inputs, stop_token_ids=stop_token_ids)
     finally:
         model.backbone.decode = decode
     kept = ops.convert_to_numpy(out["padding_mask"])
@@ -139,3 +139,23 @@ def test_first_answer_token_comes_from_the_prefill():
     model.compile(sampler=FullCacheGreedy())
     _, steps = recorded_cache_slots(model, inputs)
     assert len(steps) == 10 - 4
+
+
+def test_rings_with_forced_answers_and_stop_tokens():
+    """Forced answer tokens in the prefill, and rows stopping early."""
+    model = causal_lm(3)
+    inputs = ragged_inputs([4, 8], 14)
+    response_mask = np.zeros_like(inputs["token_ids"])
+    response_mask[1, 6:8] = 1  # the last two prompt tokens of row 1
+    inputs["response_mask"] = response_mask
+    model.compile(sampler=FullCacheGreedy())
+    expected, _ = recorded_cache_slots(model, inputs)
+    stop = int(expected[0, 5])  # row 0's second answer token
+    expected_stopped, _ = recorded_cache_slots(model, inputs, (stop,))
+    model.compile(sampler="greedy")
+    got, slots = recorded_cache_slots(model, inputs)
+    np.testing.assert_array_equal(got, expected)
+    assert slots and all(s[0] == 3 for s in slots)
+    got, _ = recorded_cache_slots(model, inputs, (stop,))
+    np.testing.assert_array_equal(got, expected_stopped)
+    assert (got[0] >= 0).sum() < (expected[0] >= 0).sum()
