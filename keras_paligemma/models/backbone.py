@@ -295,11 +295,11 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
                 The sliding-window layers' may instead be rings of
                 `sliding_window` slots (`window_rings`), for decode steps.
             cache_update_index: index of the first query among the keys.
-            output_index: `None`, or the index of the one query whose
-                hidden state is returned, `(batch, 1, hidden_dim)`; the
-                last block then computes its feed-forward for that row
-                alone (every cache is still written in full). A prefill
-                that needs one row saves most of a block.
+            output_index: with a cache, `None` or the index of the one
+                query whose hidden state is returned, `(batch, 1,
+                hidden_dim)`; the last block then computes its feed-forward
+                for that row alone (every cache is still written in full).
+                A prefill that needs one row saves most of a block.
 
         Returns:
             The hidden states, or `(hidden_states, cache)` with a cache.
