@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -79,6 +80,9 @@ def test_prefix_tokens_ignore_the_answer():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "mixed_bfloat16"])
 def test_low_precision_policies_run_close_to_float32(dtype):
+    # Seeded: some unseeded draws of these tiny random weights drift past
+    # 0.1 in bfloat16 (0.12 seen once in CI); seeds 0-5 drift 0.03-0.07.
+    keras.utils.set_random_seed(0)
     reference = PaliGemmaBackbone(**TINY, **GEMMA2)
     low = PaliGemmaBackbone(**TINY, **GEMMA2, dtype=dtype)
     low.set_weights(reference.get_weights())
