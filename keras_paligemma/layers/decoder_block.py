@@ -96,6 +96,27 @@ class DecoderBlock(keras.layers.Layer):
             self.post_attention_norm.build(input_shape)
             self.post_ffw_norm.build(input_shape)
 
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Recompute the block from its hidden states (`enable_remat`).
+
+        The mask and positions are closed over rather than passed through
+        the recomputed function: TensorFlow's remat (`custom_gradient`)
+        cannot differentiate with respect to a boolean mask and takes no
+        keyword arguments in graph mode. A call with a KV cache decodes,
+        has no backward pass and runs unwrapped.
+        """
+        if kwargs.get("cache") is not None:
+            return layer_call
+        x, *others = args
+
+        def from_hidden_states(x):
+            return layer_call(x, *others, **kwargs)
+
+        recomputed = super().rematerialized_call(
+            from_hidden_states, *args, **kwargs
+        )
+        return lambda x, *_, **__: recomputed(x)
+
     def call(
         self,
         x,
@@ -115,8 +136,7 @@ class DecoderBlock(keras.layers.Layer):
         if cache is not None:
             attended, cache = attended
         if output_index is not None:
-            # The row's size is a literal: under `jax.checkpoint`
-            # (`enable_remat`) every call argument is traced.
+            # The row's size is a literal, not an argument.
             row = [ops.shape(x)[0], 1, self.hidden_dim]
             x = ops.slice(x, [0, output_index, 0], row)
             attended = ops.slice(attended, [0, output_index, 0], row)

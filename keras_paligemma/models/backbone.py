@@ -341,8 +341,6 @@ class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
             mask, index = masks[self.sliding_window if i % 2 == 0 else None]
             last = i == len(self.decoder_blocks) - 1
             if cache is None:
-                # Positional only: TensorFlow's remat (`enable_remat`) takes
-                # no keyword arguments in graph mode.
                 x = block(x, mask, query_positions)
             else:
                 x, layer_cache = block(

@@ -176,7 +176,9 @@ class FineTuning:
         trading about one extra forward pass for activation memory that no
         longer grows with the number of layers: use it for long sequences
         (448/896 images, long answers). Gradients are unchanged. It works
-        through `keras.remat` (`jax.checkpoint` on JAX).
+        through `keras.remat` on every backend (`jax.checkpoint`,
+        `tf.recompute_grad`, `torch.utils.checkpoint`); decoding in
+        `generate` has no backward pass and runs the blocks unwrapped.
         """
         from keras.src.backend.common.remat import RematMode
 
