@@ -2,16 +2,24 @@
 
 On PyTorch's CPU build, MKL computes a matrix product with one or a few
 rows (a decode step: one token per sequence) on a single thread, so it
-reads the weights at a fraction of the machine's memory bandwidth. Split
-into one column block per thread and run as one batched matmul, the same
-product uses all of PyTorch's threads: on a 2-core machine the 2304 x 9216
-FFW kernel or the 257,152-row vocabulary projection is about 1.7-2x faster
-for 1-8 rows (`tools/benchmark.py` measures the whole decode step).
+reads the weights at a fraction of the machine's memory bandwidth. Here
+the weights are split into one block per thread, each block a contiguous
+slice of memory, and the product runs as one batched matmul:
 
-The blocks are views of the kernel (nothing is copied) and every output
-element is the same dot product, so results match `x @ kernel` to float
-rounding. Other backends, devices and matmuls with many rows (prefill,
-training) take the ordinary path; XLA already spreads them over threads.
+- a `(K, N)` kernel (every dense layer) is split along K, its rows; the
+  per-block partial products are summed;
+- a transposed `(N, K)` table (the tied 257,152-row vocabulary
+  projection, `table.T`) is split along N, the table's rows.
+
+Reading contiguous slices is what makes it fast: splitting the same
+kernels into column blocks (strided rows) read them about 20% slower (the
+vocabulary projection: 31 vs 37 GB/s at one row), and a whole decode step
+of the 4-layer benchmark config took 130-141 against 93-99 ms
+(`tools/benchmark.py` measures the whole step). Results equal
+`x @ kernel` to float rounding (a K split adds its partial sums in a
+different order). Other backends, devices and matmuls with many rows
+(prefill, training) take the ordinary path; XLA already spreads them
+over threads.
 
 `ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
 drop-in subclasses of the Keras layers that take this path in their
@@ -29,13 +37,13 @@ MAX_ROWS = 64
 """Above this many rows MKL's own threading is close (measured ~0.85x)."""
 
 
-def _thread_blocks(columns):
-    """Largest block count <= PyTorch's thread count dividing `columns`."""
+def _thread_blocks(size):
+    """Largest block count <= PyTorch's thread count dividing `size`."""
     import torch
 
     threads = torch.get_num_threads()
-    for blocks in range(min(threads, columns), 1, -1):
-        if columns % blocks == 0:
+    for blocks in range(min(threads, size), 1, -1):
+        if size % blocks == 0:
             return blocks
     return 1
 
@@ -44,13 +52,13 @@ def threaded_matmul(x, kernel):
     """`x @ kernel` for `x (..., K)` and `kernel (K, N)`.
 
     On PyTorch CPU with at most `MAX_ROWS` rows the product is computed as
-    one batched matmul over column blocks of `kernel`; elsewhere it is
-    `ops.matmul`.
+    one batched matmul over contiguous blocks of `kernel` (its rows, or the
+    rows of the table it transposes); elsewhere it is `ops.matmul`.
 
     Example:
 
-    >>> x = keras.random.normal((1, 1, 8))
-    >>> kernel = keras.random.normal((8, 6))
+    >>> x = keras.random.normal((1, 1, 8), seed=0)
+    >>> kernel = keras.random.normal((8, 6), seed=1)
     >>> out = threaded_matmul(x, kernel)
     >>> tuple(out.shape)
     (1, 1, 6)
@@ -67,13 +75,22 @@ def threaded_matmul(x, kernel):
     x, kernel = x.to(dtype), kernel.to(dtype)
     depth, columns = kernel.shape
     rows = math.prod(x.shape[:-1])
-    blocks = _thread_blocks(columns)
-    if x.device.type != "cpu" or rows > MAX_ROWS or blocks == 1:
+    if x.device.type != "cpu" or rows > MAX_ROWS:
         return torch.matmul(x, kernel)
-    flat = x.reshape(1, rows, depth).expand(blocks, rows, depth)
-    kernel_blocks = kernel.reshape(depth, blocks, columns // blocks)
-    out = torch.bmm(flat, kernel_blocks.permute(1, 0, 2))
-    return out.permute(1, 0, 2).reshape(*x.shape[:-1], columns)
+    flat = x.reshape(rows, depth)
+    if kernel.is_contiguous() and (blocks := _thread_blocks(depth)) > 1:
+        # Each block: `depth / blocks` consecutive kernel rows.
+        x_blocks = flat.reshape(rows, blocks, depth // blocks).transpose(0, 1)
+        kernel_blocks = kernel.reshape(blocks, depth // blocks, columns)
+        out = torch.bmm(x_blocks, kernel_blocks).sum(0)
+    elif kernel.T.is_contiguous() and (blocks := _thread_blocks(columns)) > 1:
+        # Each block: `columns / blocks` consecutive rows of the table.
+        table_blocks = kernel.T.reshape(blocks, columns // blocks, depth)
+        out = torch.bmm(table_blocks, flat.T.expand(blocks, depth, rows))
+        out = out.permute(2, 0, 1).reshape(rows, columns)
+    else:
+        return torch.matmul(x, kernel)
+    return out.reshape(*x.shape[:-1], columns)
 
 
 def int8_matmul_by_blocks(x, table, block_bytes=2**26):

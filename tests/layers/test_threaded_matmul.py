@@ -1,4 +1,4 @@
-"""Decode-sized matmuls over column blocks equal Keras' own layers."""
+"""Decode-sized matmuls over contiguous weight blocks equal Keras' own layers."""
 
 import keras
 import numpy as np
@@ -22,7 +22,8 @@ def numpy(x):
 
 @pytest.fixture
 def bmm_calls(monkeypatch):
-    """Counts the batched matmuls of the column-block path (torch only)."""
+    """The batched matmuls of the block path (torch only): for each, whether
+    its larger operand (the weight blocks) is one contiguous array."""
     if keras.config.backend() != "torch":
         yield None
         return
@@ -30,7 +31,13 @@ def bmm_calls(monkeypatch):
 
     calls = []
     real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or real_bmm(*a))
+
+    def recording_bmm(a, b):
+        weights = a if a.numel() >= b.numel() else b
+        calls.append(weights.is_contiguous())
+        return real_bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", recording_bmm)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield calls
@@ -40,25 +47,31 @@ def bmm_calls(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 8, tm.MAX_ROWS + 1])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_threaded_matmul_equals_matmul(rows, transposed, bmm_calls):
-    kernel = RNG.normal(size=(12, 10)).astype("float32")
+    kernel = RNG.normal(size=(12, 40)).astype("float32")
     if transposed:  # the tied embedding's (vocabulary, hidden) transposed
         kernel = ops.transpose(ops.convert_to_tensor(kernel.T.copy()))
     x = RNG.normal(size=(rows, 1, 12)).astype("float32")
     out = threaded_matmul(x, kernel)
-    assert tuple(out.shape) == (rows, 1, 10)
+    assert tuple(out.shape) == (rows, 1, 40)
     np.testing.assert_allclose(numpy(out), x @ numpy(kernel), atol=1e-5)
     if bmm_calls is not None:  # the block path only for few rows
-        assert len(bmm_calls) == (rows <= tm.MAX_ROWS)
+        assert bmm_calls == [True] * (rows <= tm.MAX_ROWS)
 
 
-def test_blocks_divide_the_columns(bmm_calls):
+def test_blocks_need_a_divisible_contiguous_split(bmm_calls):
     if bmm_calls is None:
-        pytest.skip("column blocks are a PyTorch CPU path")
+        pytest.skip("weight blocks are a PyTorch CPU path")
+    import torch
+
     assert tm._thread_blocks(10) == 2
-    assert tm._thread_blocks(7) == 1  # odd widths take torch.matmul
-    x = RNG.normal(size=(1, 12)).astype("float32")
-    kernel = RNG.normal(size=(12, 7)).astype("float32")
-    np.testing.assert_allclose(numpy(threaded_matmul(x, kernel)), x @ kernel, atol=1e-5)
+    assert tm._thread_blocks(7) == 1
+    x = RNG.normal(size=(1, 7)).astype("float32")
+    odd_depth = RNG.normal(size=(7, 12)).astype("float32")
+    odd_table = torch.from_numpy(RNG.normal(size=(7, 7)).astype("float32")).T
+    strided = torch.from_numpy(RNG.normal(size=(7, 24)).astype("float32"))[:, ::2]
+    for kernel in (odd_depth, odd_table, strided):  # each takes torch.matmul
+        expected = x @ numpy(kernel)
+        np.testing.assert_allclose(numpy(threaded_matmul(x, kernel)), expected, atol=1e-5)
     assert bmm_calls == []
 
 
