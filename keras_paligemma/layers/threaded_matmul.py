@@ -1,25 +1,28 @@
-"""Decode-sized matmuls that use every CPU thread on PyTorch.
+"""Matmuls that use every CPU thread well on PyTorch.
 
-On PyTorch's CPU build, MKL computes a matrix product with one or a few
-rows (a decode step: one token per sequence) on a single thread, so it
-reads the weights at a fraction of the machine's memory bandwidth. Here
-the weights are split into one block per thread, each block a contiguous
-slice of memory, and the product runs as one batched matmul:
+PyTorch's float32 CPU product (MKL) is slow for the shapes inference
+has: one row (a decode step, one token per sequence) runs on a single
+thread, and a few to a few hundred rows (batched decode, prefill) reach
+40-160 GFLOP/s on this project's 2-core machine, against about 200 for
+oneDNN and XLA. So, on PyTorch CPU:
 
-- a `(K, N)` kernel (every dense layer) is split along K, its rows; the
-  per-block partial products are summed;
-- a transposed `(N, K)` table (the tied 257,152-row vocabulary
-  projection, `table.T`) is split along N, the table's rows.
+- Outside autograd (generation, prediction), float32 products of two or
+  more rows go through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
+  the kernel PyTorch's own compiler emits for linear layers; it reads
+  the weights in place). It took 0.50-0.83x MKL's time for 2-268 rows of
+  this model's shapes, and 0.83-0.99x for 1024-2144 rows. It is checked
+  once against `torch.matmul` and skipped if missing or different.
+- One row, and up to `MAX_ROWS` rows under autograd, are split into one
+  block per thread, each block a contiguous slice of the weights, and run
+  as one batched matmul: a `(K, N)` kernel is split along K, its rows
+  (the partial products are summed); a transposed `(N, K)` table (the
+  tied 257,152-row vocabulary projection, `table.T`) along N, the
+  table's rows. Contiguous slices matter: column blocks (strided rows)
+  read the vocabulary table at 31 against 37 GB/s, and a decode step of
+  the 4-layer benchmark config took 130-141 against 93-99 ms.
 
-Reading contiguous slices is what makes it fast: splitting the same
-kernels into column blocks (strided rows) read them about 20% slower (the
-vocabulary projection: 31 vs 37 GB/s at one row), and a whole decode step
-of the 4-layer benchmark config took 130-141 against 93-99 ms
-(`tools/benchmark.py` measures the whole step). Results equal
-`x @ kernel` to float rounding (a K split adds its partial sums in a
-different order). Other backends, devices and matmuls with many rows
-(prefill, training) take the ordinary path; XLA already spreads them
-over threads.
+Results equal `x @ kernel` to float rounding. Other backends and devices,
+and other products, take the ordinary path.
 
 `ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
 drop-in subclasses of the Keras layers that take this path in their
@@ -28,6 +31,7 @@ product (slow, and for the embedding a 2.4 GB copy per step); other
 quantized calls are Keras' own.
 """
 
+import functools
 import math
 
 import keras
@@ -35,6 +39,38 @@ from keras import ops
 
 MAX_ROWS = 64
 """Above this many rows MKL's own threading is close (measured ~0.85x)."""
+
+
+@functools.cache
+def _onednn_linear():
+    """oneDNN's `linear(x, weight)` for float32 CPU tensors, or None where
+    this PyTorch build lacks it or it disagrees with `torch.matmul`."""
+    import torch
+
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        x = torch.linspace(-1, 1, 6).reshape(2, 3)
+        kernel = torch.linspace(-2, 1, 12).reshape(3, 4)
+        out = linear(x, kernel.T, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    if out.shape != (2, 4) or not torch.allclose(out, x @ kernel, atol=1e-5):
+        return None
+    return lambda x, kernel: linear(x, kernel.T, None, "none", [], "")
+
+
+def _onednn_applies(x, kernel, rows):
+    """Two or more rows of float32 CPU tensors, outside autograd."""
+    import torch
+
+    return (
+        rows > 1
+        and x.dtype == kernel.dtype == torch.float32
+        and not (
+            torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
+        )
+        and _onednn_linear() is not None
+    )
 
 
 def _thread_blocks(size):
@@ -51,9 +87,10 @@ def _thread_blocks(size):
 def threaded_matmul(x, kernel):
     """`x @ kernel` for `x (..., K)` and `kernel (K, N)`.
 
-    On PyTorch CPU with at most `MAX_ROWS` rows the product is computed as
-    one batched matmul over contiguous blocks of `kernel` (its rows, or the
-    rows of the table it transposes); elsewhere it is `ops.matmul`.
+    On PyTorch CPU: oneDNN's linear for two or more float32 rows outside
+    autograd; else, for at most `MAX_ROWS` rows, one batched matmul over
+    contiguous blocks of `kernel` (its rows, or the rows of the table it
+    transposes); elsewhere `ops.matmul`. See the module docstring.
 
     Example:
 
@@ -75,7 +112,12 @@ def threaded_matmul(x, kernel):
     x, kernel = x.to(dtype), kernel.to(dtype)
     depth, columns = kernel.shape
     rows = math.prod(x.shape[:-1])
-    if x.device.type != "cpu" or rows > MAX_ROWS:
+    if x.device.type != "cpu":
+        return torch.matmul(x, kernel)
+    if _onednn_applies(x, kernel, rows):
+        out = _onednn_linear()(x.reshape(rows, depth), kernel)
+        return out.reshape(*x.shape[:-1], columns)
+    if rows > MAX_ROWS:
         return torch.matmul(x, kernel)
     flat = x.reshape(rows, depth)
     if kernel.is_contiguous() and (blocks := _thread_blocks(depth)) > 1:

@@ -21,9 +21,10 @@ def numpy(x):
 
 
 @pytest.fixture
-def bmm_calls(monkeypatch):
-    """The batched matmuls of the block path (torch only): for each, whether
-    its larger operand (the weight blocks) is one contiguous array."""
+def paths(monkeypatch):
+    """The fast paths taken (torch only): "onednn", or "blocks" /
+    "strided blocks" for a batched matmul whose larger operand (the weight
+    blocks) is / is not one contiguous array."""
     if keras.config.backend() != "torch":
         yield None
         return
@@ -34,32 +35,77 @@ def bmm_calls(monkeypatch):
 
     def recording_bmm(a, b):
         weights = a if a.numel() >= b.numel() else b
-        calls.append(weights.is_contiguous())
+        calls.append("blocks" if weights.is_contiguous() else "strided blocks")
         return real_bmm(a, b)
 
     monkeypatch.setattr(torch, "bmm", recording_bmm)
+    linear = tm._onednn_linear()
+    if linear is not None:
+        recording_linear = lambda x, k: calls.append("onednn") or linear(x, k)
+        monkeypatch.setattr(tm, "_onednn_linear", lambda: recording_linear)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield calls
     torch.set_num_threads(previous)
 
 
+def onednn_or(fallback):
+    """What a float32 product of 2+ rows outside autograd takes."""
+    return ["onednn"] if tm._onednn_linear() is not None else fallback
+
+
 @pytest.mark.parametrize("rows", [1, 8, tm.MAX_ROWS + 1])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_threaded_matmul_equals_matmul(rows, transposed, bmm_calls):
+@pytest.mark.parametrize("autograd", [False, True])
+def test_threaded_matmul_equals_matmul(rows, transposed, autograd, paths):
     kernel = RNG.normal(size=(12, 40)).astype("float32")
     if transposed:  # the tied embedding's (vocabulary, hidden) transposed
         kernel = ops.transpose(ops.convert_to_tensor(kernel.T.copy()))
     x = RNG.normal(size=(rows, 1, 12)).astype("float32")
-    out = threaded_matmul(x, kernel)
+    if paths is None:
+        if autograd:
+            pytest.skip("autograd paths are PyTorch's")
+        out = threaded_matmul(x, kernel)
+        np.testing.assert_allclose(numpy(out), x @ numpy(kernel), atol=1e-5)
+        return
+    import torch
+
+    x_tensor = torch.from_numpy(x).requires_grad_(autograd)
+    out = threaded_matmul(x_tensor, kernel)
     assert tuple(out.shape) == (rows, 1, 40)
-    np.testing.assert_allclose(numpy(out), x @ numpy(kernel), atol=1e-5)
-    if bmm_calls is not None:  # the block path only for few rows
-        assert bmm_calls == [True] * (rows <= tm.MAX_ROWS)
+    np.testing.assert_allclose(numpy(out.detach()), x @ numpy(kernel), atol=1e-5)
+    blocks = ["blocks"] if rows <= tm.MAX_ROWS else []
+    if autograd:
+        assert paths == blocks
+        out.sum().backward()  # the block path is differentiable
+        expected = np.broadcast_to(numpy(kernel).sum(1), x.shape)
+        np.testing.assert_allclose(numpy(x_tensor.grad), expected, atol=1e-4)
+    else:
+        assert paths == (blocks if rows == 1 else onednn_or(blocks))
 
 
-def test_blocks_need_a_divisible_contiguous_split(bmm_calls):
-    if bmm_calls is None:
+def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
+    if keras.config.backend() != "torch":
+        pytest.skip("oneDNN's linear is a PyTorch CPU path")
+    import torch
+
+    tm._onednn_linear.cache_clear()
+    monkeypatch.setattr(torch.ops, "mkldnn", object())  # a build without it
+    try:
+        assert tm._onednn_linear() is None
+        x = RNG.normal(size=(8, 12)).astype("float32")
+        kernel = RNG.normal(size=(12, 40)).astype("float32")
+        with torch.no_grad():
+            out = threaded_matmul(x, kernel)
+        np.testing.assert_allclose(numpy(out), x @ kernel, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        tm._onednn_linear.cache_clear()
+    assert tm._onednn_linear() is not None
+
+
+def test_blocks_need_a_divisible_contiguous_split(paths):
+    if paths is None:
         pytest.skip("weight blocks are a PyTorch CPU path")
     import torch
 
@@ -72,7 +118,7 @@ def test_blocks_need_a_divisible_contiguous_split(bmm_calls):
     for kernel in (odd_depth, odd_table, strided):  # each takes torch.matmul
         expected = x @ numpy(kernel)
         np.testing.assert_allclose(numpy(threaded_matmul(x, kernel)), expected, atol=1e-5)
-    assert bmm_calls == []
+    assert paths == []
 
 
 @pytest.mark.parametrize(
@@ -85,7 +131,7 @@ def test_blocks_need_a_divisible_contiguous_split(bmm_calls):
     ],
 )
 def test_threaded_einsum_dense_equals_einsum_dense(
-    equation, input_shape, output_shape, bmm_calls
+    equation, input_shape, output_shape, paths
 ):
     ours = ThreadedEinsumDense(equation, output_shape, bias_axes=None)
     theirs = keras.layers.EinsumDense(equation, output_shape)
@@ -95,8 +141,8 @@ def test_threaded_einsum_dense_equals_einsum_dense(
     theirs.kernel.assign(RNG.normal(size=theirs.kernel.shape).astype("float32"))
     ours.kernel.assign(theirs.kernel)
     np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-5)
-    if bmm_calls is not None:
-        assert len(bmm_calls) == (equation != "btd,dnh->bnth")
+    if paths is not None:  # trainable kernels: autograd, so blocks
+        assert paths == ["blocks"] * (equation != "btd,dnh->bnth")
 
     for layer in (ours, theirs):  # LoRA adds to the kernel the block path reads
         layer.enable_lora(2, b_initializer="ones")
@@ -110,7 +156,7 @@ def test_threaded_einsum_dense_equals_einsum_dense(
 
 
 @pytest.mark.parametrize("equation", ["btd,dnh->btnh", "btd,dnh->bnth"])
-def test_int8_einsum_dense_outside_autograd_equals_keras(equation, bmm_calls):
+def test_int8_einsum_dense_outside_autograd_equals_keras(equation, paths):
     """Generation's int8 product (float32 on torch) equals Keras' int32."""
     output_shape = (None, 3, 4) if equation.endswith("btnh") else (3, None, 4)
     ours = ThreadedEinsumDense(equation, output_shape)
@@ -121,7 +167,7 @@ def test_int8_einsum_dense_outside_autograd_equals_keras(equation, bmm_calls):
         layer.kernel.assign(kernel)
         layer.quantize("int8")
     x = RNG.normal(size=(2, 1, 12)).astype("float32")
-    if bmm_calls is None:
+    if paths is None:
         np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-5)
         return
     import torch
@@ -129,7 +175,8 @@ def test_int8_einsum_dense_outside_autograd_equals_keras(equation, bmm_calls):
     with torch.no_grad():
         out, expected = numpy(ours(x)), numpy(theirs(x))
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    assert len(bmm_calls) == (equation == "btd,dnh->btnh")
+    plain_matmul = equation == "btd,dnh->btnh"
+    assert paths == (onednn_or(["blocks"]) if plain_matmul else [])
 
 
 def test_reversible_embedding_matches_and_loads_keras_weights(tmp_path):
@@ -173,7 +220,7 @@ def test_mixed_dtypes_promote_as_matmul():
 
 
 @pytest.mark.parametrize("rows", [1, 256])
-def test_threaded_dense_equals_dense_float_and_int8(rows, bmm_calls):
+def test_threaded_dense_equals_dense_float_and_int8(rows, paths):
     """SigLIP's `Dense` layers: float and int8 (as float32 in generation)."""
     ours, theirs = ThreadedDense(10), keras.layers.Dense(10)
     kernel = RNG.normal(size=(12, 10)).astype("float32")
@@ -186,13 +233,13 @@ def test_threaded_dense_equals_dense_float_and_int8(rows, bmm_calls):
     for layer in (ours, theirs):
         layer.quantize("int8")
     assert ours.quantization_mode == "int8"
-    if bmm_calls is None:
+    if paths is None:
         np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
         return
     import torch
 
-    bmm_calls.clear()
+    paths.clear()
     with torch.no_grad():
         out, expected = numpy(ours(x)), numpy(theirs(x))
     np.testing.assert_allclose(out, expected, atol=1e-4)
-    assert len(bmm_calls) == (rows <= tm.MAX_ROWS)
+    assert paths == (["blocks"] if rows == 1 else onednn_or([]))
