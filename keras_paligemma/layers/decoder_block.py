@@ -105,8 +105,11 @@ class DecoderBlock(keras.layers.Layer):
         keyword arguments in graph mode. A call with a KV cache decodes,
         has no backward pass and runs unwrapped.
         """
-        if kwargs.get("cache") is not None:
+        cache = kwargs.get("cache", args[3] if len(args) > 3 else None)
+        if cache is not None:
             return layer_call
+        if not args:  # hidden states by keyword: remat as Keras does
+            return super().rematerialized_call(layer_call, *args, **kwargs)
         x, *others = args
 
         def from_hidden_states(x):

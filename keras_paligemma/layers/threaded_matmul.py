@@ -12,14 +12,16 @@ oneDNN and XLA. So, on PyTorch CPU:
   the weights in place). It took 0.50-0.83x MKL's time for 2-268 rows of
   this model's shapes, and 0.83-0.99x for 1024-2144 rows. It is checked
   once against `torch.matmul` and skipped if missing or different.
-- One row, and up to `MAX_ROWS` rows under autograd, are split into one
-  block per thread, each block a contiguous slice of the weights, and run
-  as one batched matmul: a `(K, N)` kernel is split along K, its rows
-  (the partial products are summed); a transposed `(N, K)` table (the
-  tied 257,152-row vocabulary projection, `table.T`) along N, the
-  table's rows. Contiguous slices matter: column blocks (strided rows)
-  read the vocabulary table at 31 against 37 GB/s, and a decode step of
-  the 4-layer benchmark config took 130-141 against 93-99 ms.
+- Other products of at most `MAX_ROWS` rows (one row; autograd; other
+  dtypes) are split into one block per thread and run as one batched
+  matmul. In float32 each block is a contiguous slice of the weights: a
+  `(K, N)` kernel is split along K, its rows (the partial products are
+  summed); a transposed `(N, K)` table (the tied 257,152-row vocabulary
+  projection, `table.T`) along N, the table's rows. Contiguous slices
+  matter: column blocks (strided rows) read the vocabulary table at 31
+  against 37 GB/s, and a decode step of the 4-layer benchmark config took
+  130-141 against 93-99 ms. In bfloat16/float16, where summing partial
+  products would round twice, a kernel is split into column blocks.
 
 Results equal `x @ kernel` to float rounding. Other backends and devices,
 and other products, take the ordinary path.
@@ -52,7 +54,7 @@ def _onednn_linear():
         x = torch.linspace(-1, 1, 6).reshape(2, 3)
         kernel = torch.linspace(-2, 1, 12).reshape(3, 4)
         out = linear(x, kernel.T, None, "none", [], "")
-    except (AttributeError, RuntimeError):
+    except Exception:  # a build without it, or another signature
         return None
     if out.shape != (2, 4) or not torch.allclose(out, x @ kernel, atol=1e-5):
         return None
@@ -120,11 +122,20 @@ def threaded_matmul(x, kernel):
     if rows > MAX_ROWS:
         return torch.matmul(x, kernel)
     flat = x.reshape(rows, depth)
-    if kernel.is_contiguous() and (blocks := _thread_blocks(depth)) > 1:
+    split_depth = kernel.is_contiguous() and dtype == torch.float32
+    if split_depth and (blocks := _thread_blocks(depth)) > 1:
         # Each block: `depth / blocks` consecutive kernel rows.
         x_blocks = flat.reshape(rows, blocks, depth // blocks).transpose(0, 1)
         kernel_blocks = kernel.reshape(blocks, depth // blocks, columns)
         out = torch.bmm(x_blocks, kernel_blocks).sum(0)
+    elif kernel.is_contiguous() and (blocks := _thread_blocks(columns)) > 1:
+        # bfloat16/float16 would round each partial sum: column blocks
+        # compute exactly the dot products of `x @ kernel` instead.
+        kernel_blocks = kernel.reshape(depth, blocks, columns // blocks)
+        out = torch.bmm(
+            flat.expand(blocks, rows, depth), kernel_blocks.transpose(0, 1)
+        )
+        out = out.transpose(0, 1).reshape(rows, columns)
     elif kernel.T.is_contiguous() and (blocks := _thread_blocks(columns)) > 1:
         # Each block: `columns / blocks` consecutive rows of the table.
         table_blocks = kernel.T.reshape(blocks, columns // blocks, depth)

@@ -70,16 +70,22 @@ def test_threaded_matmul_equals_matmul(rows, transposed, autograd, paths):
         return
     import torch
 
+    kernel = torch.tensor(numpy(kernel))
+    weights = (kernel.T.contiguous() if transposed else kernel).requires_grad_(autograd)
+    kernel = weights.T if transposed else weights
     x_tensor = torch.from_numpy(x).requires_grad_(autograd)
     out = threaded_matmul(x_tensor, kernel)
     assert tuple(out.shape) == (rows, 1, 40)
-    np.testing.assert_allclose(numpy(out.detach()), x @ numpy(kernel), atol=1e-5)
+    np.testing.assert_allclose(numpy(out.detach()), x @ numpy(kernel.detach()), atol=1e-5)
     blocks = ["blocks"] if rows <= tm.MAX_ROWS else []
     if autograd:
         assert paths == blocks
         out.sum().backward()  # the block path is differentiable
-        expected = np.broadcast_to(numpy(kernel).sum(1), x.shape)
-        np.testing.assert_allclose(numpy(x_tensor.grad), expected, atol=1e-4)
+        kernel_grad = np.broadcast_to(x.sum((0, 1))[:, None], (12, 40))
+        x_grad = np.broadcast_to(numpy(kernel.detach()).sum(1), x.shape)
+        np.testing.assert_allclose(numpy(x_tensor.grad), x_grad, atol=1e-4)
+        weights_grad = kernel_grad.T if transposed else kernel_grad
+        np.testing.assert_allclose(numpy(weights.grad), weights_grad, atol=1e-4)
     else:
         assert paths == (blocks if rows == 1 else onednn_or(blocks))
 
@@ -89,6 +95,7 @@ def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
         pytest.skip("oneDNN's linear is a PyTorch CPU path")
     import torch
 
+    available = tm._onednn_linear() is not None
     tm._onednn_linear.cache_clear()
     monkeypatch.setattr(torch.ops, "mkldnn", object())  # a build without it
     try:
@@ -101,10 +108,33 @@ def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
     finally:
         monkeypatch.undo()
         tm._onednn_linear.cache_clear()
-    assert tm._onednn_linear() is not None
+    assert (tm._onednn_linear() is not None) == available
 
 
-def test_blocks_need_a_divisible_contiguous_split(paths):
+def test_layouts_and_half_precision(paths):
+    """Strided 4-D inputs on every path; bfloat16 kernels in column blocks
+    (a split of the contraction would round each partial sum)."""
+    if paths is None:
+        pytest.skip("the block and oneDNN paths are PyTorch CPU paths")
+    import torch
+
+    kernel = torch.tensor(RNG.normal(size=(12, 40)).astype("float32"))
+    for rows in (1, 3):
+        x = torch.tensor(RNG.normal(size=(2, 12, rows, 1)).astype("float32"))
+        x = x.permute(0, 3, 2, 1)  # (2, 1, rows, 12), not contiguous
+        with torch.no_grad():
+            out = threaded_matmul(x, kernel)
+        np.testing.assert_allclose(numpy(out), numpy(x) @ numpy(kernel), atol=1e-5)
+    paths.clear()
+    x16, kernel16 = x[:1, :, :1].bfloat16(), kernel.bfloat16()
+    with torch.no_grad():
+        out = threaded_matmul(x16, kernel16)
+    assert paths == ["strided blocks"] and out.dtype == torch.bfloat16
+    expected = numpy((x16.float() @ kernel16.float()))
+    np.testing.assert_allclose(numpy(out.float()), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_blocks_need_a_divisible_split(paths):
     if paths is None:
         pytest.skip("weight blocks are a PyTorch CPU path")
     import torch
@@ -112,13 +142,18 @@ def test_blocks_need_a_divisible_contiguous_split(paths):
     assert tm._thread_blocks(10) == 2
     assert tm._thread_blocks(7) == 1
     x = RNG.normal(size=(1, 7)).astype("float32")
-    odd_depth = RNG.normal(size=(7, 12)).astype("float32")
+    odd_sides = RNG.normal(size=(7, 7)).astype("float32")
     odd_table = torch.from_numpy(RNG.normal(size=(7, 7)).astype("float32")).T
     strided = torch.from_numpy(RNG.normal(size=(7, 24)).astype("float32"))[:, ::2]
-    for kernel in (odd_depth, odd_table, strided):  # each takes torch.matmul
+    for kernel in (odd_sides, odd_table, strided):  # each takes torch.matmul
         expected = x @ numpy(kernel)
         np.testing.assert_allclose(numpy(threaded_matmul(x, kernel)), expected, atol=1e-5)
     assert paths == []
+    odd_depth = RNG.normal(size=(7, 12)).astype("float32")  # column blocks
+    np.testing.assert_allclose(
+        numpy(threaded_matmul(x, odd_depth)), x @ odd_depth, atol=1e-5
+    )
+    assert paths == ["strided blocks"]
 
 
 @pytest.mark.parametrize(

@@ -237,10 +237,10 @@ def test_rematerialised_decoder_gives_the_same_gradients(tmp_path):
 
 
 def test_fit_after_enable_remat_matches_plain_fit(monkeypatch):
-    """One fit step with remat trains the same weights as without it, on
-    every backend (TensorFlow's remat once failed on the boolean mask), and
-    on the eager/graph backends each block really runs again for the
-    backward pass (JAX: see the jaxpr check above)."""
+    """One SGD step with remat makes the same update as without it (so the
+    gradients are the same) on every backend (TensorFlow's remat once
+    failed on the boolean mask), and on the eager/graph backends each block
+    really runs again for the backward pass (JAX: the jaxpr check above)."""
     from keras_paligemma.layers.decoder_block import DecoderBlock
 
     calls = []
@@ -252,28 +252,29 @@ def test_fit_after_enable_remat_matches_plain_fit(monkeypatch):
         return original_call(self, *args, **kwargs)
 
     monkeypatch.setattr(DecoderBlock, "call", counted_call)
-    trained = {}
+    updates, call_counts = {}, {}
     for remat in (False, True):
         keras.utils.set_random_seed(0)
         causal_lm = PaliGemmaCausalLM.from_preset(TINY_PRESET)
         if remat:
             causal_lm.backbone.enable_remat()
-        notebook_compile(causal_lm)
-        calls.clear()
-        history = causal_lm.fit(
-            x=batch(2), batch_size=2, epochs=1, verbose=0, shuffle=False
+        causal_lm.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=keras.optimizers.SGD(learning_rate=1.0),
         )
-        trained[remat] = (history.history["loss"], snapshot(causal_lm), len(calls))
-    (loss, weights, plain_calls), (remat_loss, remat_weights, remat_calls) = (
-        trained[False],
-        trained[True],
-    )
-    np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
-    for path, value in weights.items():
-        np.testing.assert_allclose(remat_weights[path], value, atol=1e-4)
+        before = snapshot(causal_lm)
+        calls.clear()
+        causal_lm.fit(x=batch(2), batch_size=2, epochs=1, verbose=0, shuffle=False)
+        call_counts[remat] = len(calls)
+        after = snapshot(causal_lm)
+        updates[remat] = {path: after[path] - before[path] for path in before}
+    decoder = [path for path in updates[False] if "decoder_block" in path]
+    assert decoder and all(np.abs(updates[False][p]).max() > 1e-6 for p in decoder)
+    for path, update in updates[False].items():
+        np.testing.assert_allclose(updates[True][path], update, rtol=1e-3, atol=1e-6)
     if BACKEND != "jax":
         blocks = len(causal_lm.backbone.decoder_blocks)
-        assert remat_calls >= plain_calls + blocks
+        assert call_counts[True] >= call_counts[False] + blocks
 
 
 def test_generate_after_enable_remat_gives_the_same_answers():
