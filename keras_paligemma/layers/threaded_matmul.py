@@ -9,7 +9,7 @@ oneDNN and XLA. So, on PyTorch CPU:
 - Outside autograd (generation, prediction), float32 products of two or
   more rows go through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
   the kernel PyTorch's own compiler emits for linear layers; it reads
-  the weights in place). It took 0.50-0.83x MKL's time for 2-268 rows of
+  the weights in place). It took 0.50-0.84x MKL's time for 2-268 rows of
   this model's shapes, and 0.83-0.99x for 1024-2144 rows. It is checked
   once against `torch.matmul` and skipped if missing or different.
 - Other products of at most `MAX_ROWS` rows (one row; autograd; other
