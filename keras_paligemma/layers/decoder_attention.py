@@ -33,6 +33,10 @@ class DecoderAttention(keras.layers.Layer):
     Queries are rotated, then scaled by `query_pre_attn_scalar ** -0.5`
     (Gemma 1 and Gemma 2 2B/9B use `head_dim`; Gemma 2 27B uses
     `hidden_dim / num_query_heads`). Scores and softmax run in float32.
+    Without a soft-cap (PaliGemma 1), on JAX and PyTorch, attention goes
+    through `keras.ops.dot_product_attention`, which may pick a fused or
+    flash kernel; soft-capped scores (PaliGemma 2) and TensorFlow use this
+    layer's own einsums.
 
     Args:
         num_query_heads: number of query heads.
@@ -142,6 +146,32 @@ class DecoderAttention(keras.layers.Layer):
         return outputs, cache
 
     def _attend(self, query, key, value, attention_mask):
+        if self._fused_attention_is_exact():
+            return ops.dot_product_attention(
+                query,
+                key,
+                value,
+                mask=attention_mask[:, None, :, :],
+                scale=self.query_pre_attn_scalar**-0.5,
+            )
+        return self._attend_in_float32(query, key, value, attention_mask)
+
+    def _fused_attention_is_exact(self):
+        """Whether `keras.ops.dot_product_attention` computes this layer's
+        attention (and may pick a flash kernel on GPU).
+
+        Not with a soft-cap: Keras' is `x / (1 + |x| / c)`, not Gemma 2's
+        `c * tanh(x / c)`, and PyTorch's ignores it. Not on TensorFlow:
+        Keras has no fused kernel there, multiplies scores in the inputs'
+        dtype, and fails for one key/value head (PaliGemma 1). JAX and
+        PyTorch accumulate scores and softmax in float32 at any dtype.
+        """
+        return (
+            not self.attention_logit_softcap
+            and keras.config.backend() != "tensorflow"
+        )
+
+    def _attend_in_float32(self, query, key, value, attention_mask):
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
         groups = self.num_query_heads // self.num_key_value_heads
         query = ops.cast(query, "float32") * (
