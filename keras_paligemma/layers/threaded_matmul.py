@@ -28,9 +28,12 @@ and other products, take the ordinary path.
 
 `ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
 drop-in subclasses of the Keras layers that take this path in their
-float call. int8-quantized, on PyTorch, they also avoid Keras' int32
-product (slow, and for the embedding a 2.4 GB copy per step); other
-quantized calls are Keras' own.
+float call. int8-quantized, they replace Keras' int8 x int8 product with
+an exact one that never copies a whole kernel: on PyTorch (outside
+autograd) as float32 products, since Keras' int32 product is slow there
+and for the embedding a 2.4 GB copy per step; on JAX (outside training)
+with `int8_matmul_jax.int8_matmul`, since XLA:CPU makes an int32 copy of
+every kernel for a one-row product. Other quantized calls are Keras' own.
 """
 
 import functools
@@ -38,6 +41,8 @@ import math
 
 import keras
 from keras import ops
+
+from keras_paligemma.layers.int8_matmul_jax import int8_matmul
 
 MAX_ROWS = 64
 """Above this many rows MKL's own threading is close (measured ~0.85x)."""
@@ -186,6 +191,12 @@ def _split_einsum(equation):
     return batch, contracted, kept
 
 
+def _product(x, kernel, product=None):
+    """`(product or threaded_matmul)(x, kernel)`: `ThreadedDense`'s
+    counterpart of `ThreadedEinsumDense._matmul`."""
+    return (product or threaded_matmul)(x, kernel)
+
+
 class _ThreadedDenseMethods:
     """What the two dense layers share: bias and activation, when the int8
     product may run as float32, and Keras' quantization."""
@@ -197,30 +208,38 @@ class _ThreadedDenseMethods:
             x = self.activation(x)
         return x
 
-    def _int8_product_as_float(self, matmul, quantized, inputs_scale):
-        """`matmul` of the int8 inputs and kernel as float32 (the products
-        are exact), de-scaled as Keras does, then bias and activation."""
-        x = matmul(
-            ops.cast(quantized, "float32"), ops.cast(self._kernel, "float32")
-        )
+    def _int8_product(self, matmul, quantized, inputs_scale):
+        """`matmul` of the int8 inputs and kernel, exact, de-scaled as Keras
+        does, then bias and activation. On PyTorch the operands are
+        multiplied as float32 (the products are exact); on JAX by
+        `int8_matmul` (no whole-kernel copy)."""
+        if keras.config.backend() == "jax":
+            x = matmul(quantized, self._kernel, product=int8_matmul)
+        else:
+            x = matmul(
+                ops.cast(quantized, "float32"),
+                ops.cast(self._kernel, "float32"),
+            )
         x = ops.divide(
             ops.cast(x, self.compute_dtype),
             ops.multiply(inputs_scale, self.kernel_scale),
         )
         return self._finish(x)
 
-    def _int8_as_float(self):
-        """PyTorch, outside autograd (generation), no LoRA, Keras' input
-        quantizer present (older Keras versions take Keras' path)."""
+    def _int8_is_ours(self, training):
+        """Whether our exact int8 product replaces Keras': no LoRA, Keras'
+        input quantizer present (older Keras versions take Keras' path),
+        and on PyTorch outside autograd (generation), on JAX outside
+        training (Keras' call has a straight-through input gradient)."""
+        if getattr(self, "inputs_quantizer", None) is None or self.lora_enabled:
+            return False
+        if keras.config.backend() == "jax":
+            return not training
         if keras.config.backend() != "torch":
             return False
         import torch
 
-        return (
-            getattr(self, "inputs_quantizer", None) is not None
-            and not self.lora_enabled
-            and not torch.is_grad_enabled()
-        )
+        return not torch.is_grad_enabled()
 
     def quantize(self, mode=None, type_check=True, **kwargs):
         # Keras refuses subclasses by default; the weights and quantizers
@@ -233,10 +252,10 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
 
     Applies to equations that contract the input's trailing axes with the
     kernel's leading axes (`"btd,dnh->btnh"`, `"btnh,nhd->btd"`); any
-    other equation is Keras' own. When int8-quantized, outside autograd
-    (generation) on PyTorch, the int8 inputs and kernel are multiplied as
-    float32 (exact products; Keras uses a slow int32 matmul there); every
-    other quantized call is Keras' own.
+    other equation is Keras' own. When int8-quantized, in generation, the
+    int8 inputs and kernel are multiplied exactly without a whole-kernel
+    copy (as float32 on PyTorch, in chunks on JAX; see the module
+    docstring); every other quantized call is Keras' own.
 
     Example:
 
@@ -259,7 +278,7 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
         # fast int32 matmul on CPU. In generation the same int8 values are
         # multiplied as float32, where the products are exact.
         if not (
-            self._int8_as_float()
+            self._int8_is_ours(training)
             and self._matmul_axes is not None
             and hasattr(self, "_adjust_scale_for_quant")
         ):
@@ -268,22 +287,23 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
             inputs, axis=self.quantization_axis
         )
         inputs_scale = self._adjust_scale_for_quant(inputs_scale, "input")
-        return self._int8_product_as_float(self._matmul, quantized, inputs_scale)
+        return self._int8_product(self._matmul, quantized, inputs_scale)
 
-    def _matmul(self, inputs, kernel):
-        """`einsum(equation, inputs, kernel)` as one `threaded_matmul`."""
+    def _matmul(self, inputs, kernel, product=None):
+        """`einsum(equation, inputs, kernel)` as one `product` (by default
+        `threaded_matmul`) of the flattened operands."""
+        product = product or threaded_matmul
         batch, contracted, _ = self._matmul_axes
         kept_shape = tuple(kernel.shape[len(contracted) :])
         leading = tuple(inputs.shape[: len(batch)])
         x = ops.reshape(inputs, (*leading, -1))
         kernel = ops.reshape(kernel, (-1, math.prod(kept_shape)))
-        return ops.reshape(threaded_matmul(x, kernel), (*leading, *kept_shape))
+        return ops.reshape(product(x, kernel), (*leading, *kept_shape))
 
 
 class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
     """`keras.layers.Dense` whose float call uses `threaded_matmul` and
-    whose int8 product, in generation on PyTorch, runs as float32 (as
-    `ThreadedEinsumDense`).
+    whose int8 product, in generation, is ours (as `ThreadedEinsumDense`).
 
     Example:
 
@@ -298,18 +318,17 @@ class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
         return self._finish(threaded_matmul(inputs, self.kernel))
 
     def _int8_call(self, inputs, training=None):
-        if not self._int8_as_float():
+        if not self._int8_is_ours(training):
             return super()._int8_call(inputs, training=training)
         quantized, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
-        return self._int8_product_as_float(
-            threaded_matmul, quantized, inputs_scale
-        )
+        return self._int8_product(_product, quantized, inputs_scale)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` whose reverse projection (hidden
-    states to logits) uses `threaded_matmul`, and, when int8-quantized,
-    `int8_matmul_by_blocks` (PyTorch).
+    states to logits) uses `threaded_matmul`, and, when int8-quantized
+    with tied weights, `int8_matmul_by_blocks` (PyTorch) or
+    `int8_matmul_jax.int8_matmul` (JAX).
 
     It keeps Keras' class name on purpose: Keras' weight files key a
     functional model's layers by class name, so presets saved with the
@@ -335,7 +354,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         return self._soft_cap(threaded_matmul(inputs, kernel))
 
     def _int8_call(self, inputs, reverse=False):
-        if keras.config.backend() != "torch" or not (
+        if keras.config.backend() not in ("jax", "torch") or not (
             reverse and self.tie_weights and hasattr(self, "inputs_quantizer")
         ):
             return super()._int8_call(inputs, reverse=reverse)
@@ -343,7 +362,10 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             inputs, inputs_scale = self.inputs_quantizer(inputs)
         else:
             inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
-        logits = int8_matmul_by_blocks(inputs, self._embeddings)
+        if keras.config.backend() == "jax":
+            logits = int8_matmul(inputs, self._embeddings, transposed=True)
+        else:
+            logits = int8_matmul_by_blocks(inputs, self._embeddings)
         logits = ops.divide(
             ops.cast(logits, self.compute_dtype),
             ops.multiply(inputs_scale, self.embeddings_scale),
