@@ -10,8 +10,10 @@ table (`x @ table.T`) is copied at any row count. Generating with the
 int8 PaliGemma 2 3B peaked above float32 (17.0 against 15.1 GB).
 
 `int8_matmul` keeps XLA's native product for two or more rows of a
-`(K, N)` kernel. Otherwise it reads the kernel in chunks of about 4 MiB
-inside a `lax.fori_loop`. Each chunk's start depends on the loop counter,
+`(K, N)` kernel. Otherwise it reads the kernel in chunks inside a
+`lax.fori_loop` (2**20 elements converted to float32 or bfloat16 at a
+time; one row against the table reads 16 MiB int8 chunks, which XLA
+converts inside its fused product). Each chunk's start depends on the loop counter,
 tied to this call's input with `optimization_barrier`, so no convert can
 be hoisted, and only one chunk is converted at a time. The result is
 exact: int8 values are exact in bfloat16 and float32, each chunk sums at
@@ -53,6 +55,11 @@ def int8_matmul(x, kernel, transposed=False, chunk_elements=CHUNK_ELEMENTS):
 
     x = jnp.asarray(x)
     kernel = jnp.asarray(kernel)
+    if x.dtype != jnp.int8 or kernel.dtype != jnp.int8:
+        raise TypeError(
+            "`int8_matmul` multiplies int8 operands; got `x` of dtype "
+            f"{x.dtype} and `kernel` of dtype {kernel.dtype}."
+        )
     leading, depth = x.shape[:-1], x.shape[-1]
     rows = math.prod(leading)
     x = x.reshape(rows, depth)
@@ -65,6 +72,32 @@ def int8_matmul(x, kernel, transposed=False, chunk_elements=CHUNK_ELEMENTS):
     else:
         out = _by_table_rows(x, kernel, chunk_elements)
     return out.reshape(*leading, out.shape[-1])
+
+
+def with_input_gradient_of(exact, dequantized):
+    """`exact(inputs, kernel, scale)`, whose gradient with respect to
+    `inputs` is that of `dequantized(inputs, kernel, scale)`.
+
+    Keras' int8 layers differentiate their quantized product this way
+    (straight through the input quantizer, with the de-quantized kernel);
+    the kernel and its scale get no gradient.
+    """
+    import jax
+
+    @jax.custom_vjp
+    def product(inputs, kernel, scale):
+        return exact(inputs, kernel, scale)
+
+    def forward(inputs, kernel, scale):
+        return exact(inputs, kernel, scale), (inputs, kernel, scale)
+
+    def backward(saved, upstream):
+        inputs, kernel, scale = saved
+        _, vjp = jax.vjp(lambda x: dequantized(x, kernel, scale), inputs)
+        return (*vjp(upstream), None, None)
+
+    product.defvjp(forward, backward)
+    return product
 
 
 def _chunk(total, per_chunk):

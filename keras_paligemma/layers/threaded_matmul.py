@@ -29,11 +29,12 @@ and other products, take the ordinary path.
 `ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
 drop-in subclasses of the Keras layers that take this path in their
 float call. int8-quantized, they replace Keras' int8 x int8 product with
-an exact one that never copies a whole kernel: on PyTorch (outside
+an exact one that never copies a whole kernel: on PyTorch CPU (outside
 autograd) as float32 products, since Keras' int32 product is slow there
-and for the embedding a 2.4 GB copy per step; on JAX (outside training)
-with `int8_matmul_jax.int8_matmul`, since XLA:CPU makes an int32 copy of
-every kernel for a one-row product. Other quantized calls are Keras' own.
+and for the embedding a 2.4 GB copy per step; on JAX CPU with
+`int8_matmul_jax.int8_matmul` (differentiated as Keras' call), since
+XLA:CPU makes an int32 copy of every kernel for a one-row product. Other
+quantized calls are Keras' own.
 """
 
 import functools
@@ -42,7 +43,9 @@ import math
 import keras
 from keras import ops
 
+from keras_paligemma.layers.device import on_accelerator
 from keras_paligemma.layers.int8_matmul_jax import int8_matmul
+from keras_paligemma.layers.int8_matmul_jax import with_input_gradient_of
 
 MAX_ROWS = 64
 """Above this many rows MKL's own threading is close (measured ~0.85x)."""
@@ -198,8 +201,8 @@ def _product(x, kernel, product=None):
 
 
 class _ThreadedDenseMethods:
-    """What the two dense layers share: bias and activation, when the int8
-    product may run as float32, and Keras' quantization."""
+    """What the two dense layers share: bias and activation, our exact int8
+    product, and Keras' quantization."""
 
     def _finish(self, x):
         if self.bias is not None:
@@ -208,33 +211,47 @@ class _ThreadedDenseMethods:
             x = self.activation(x)
         return x
 
-    def _int8_product(self, matmul, quantized, inputs_scale):
-        """`matmul` of the int8 inputs and kernel, exact, de-scaled as Keras
+    def _int8_product(self, matmul, inputs, quantize):
+        """`matmul` of the quantized inputs (`quantize(inputs)` gives them
+        and their scale) and the int8 kernel, exact, de-scaled as Keras
         does, then bias and activation. On PyTorch the operands are
         multiplied as float32 (the products are exact); on JAX by
-        `int8_matmul` (no whole-kernel copy)."""
-        if keras.config.backend() == "jax":
-            x = matmul(quantized, self._kernel, product=int8_matmul)
-        else:
-            x = matmul(
-                ops.cast(quantized, "float32"),
-                ops.cast(self._kernel, "float32"),
-            )
-        x = ops.divide(
-            ops.cast(x, self.compute_dtype),
-            ops.multiply(inputs_scale, self.kernel_scale),
-        )
-        return self._finish(x)
+        `int8_matmul`, differentiated like Keras' call (the input gradient
+        goes through the de-quantized kernel)."""
+        jax = keras.config.backend() == "jax"
 
-    def _int8_is_ours(self, training):
+        def exact(inputs, kernel, kernel_scale):
+            quantized, inputs_scale = quantize(inputs)
+            if jax:
+                x = matmul(quantized, kernel, product=int8_matmul)
+            else:
+                x = matmul(
+                    ops.cast(quantized, "float32"), ops.cast(kernel, "float32")
+                )
+            return ops.divide(
+                ops.cast(x, self.compute_dtype),
+                ops.multiply(inputs_scale, kernel_scale),
+            )
+
+        def dequantized(inputs, kernel, kernel_scale):
+            kernel = self._dequantize(kernel, kernel_scale)
+            return matmul(inputs, kernel, product=ops.matmul)
+
+        if jax:
+            exact = with_input_gradient_of(exact, dequantized)
+        kernel, scale = (
+            ops.convert_to_tensor(w) for w in (self._kernel, self.kernel_scale)
+        )
+        return self._finish(exact(inputs, kernel, scale))
+
+    def _int8_is_ours(self):
         """Whether our exact int8 product replaces Keras': no LoRA, Keras'
         input quantizer present (older Keras versions take Keras' path),
-        and on PyTorch outside autograd (generation), on JAX outside
-        training (Keras' call has a straight-through input gradient)."""
+        and on PyTorch CPU outside autograd (generation), or JAX on CPU."""
         if getattr(self, "inputs_quantizer", None) is None or self.lora_enabled:
             return False
         if keras.config.backend() == "jax":
-            return not training
+            return not on_accelerator()
         if keras.config.backend() != "torch":
             return False
         import torch
@@ -252,9 +269,9 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
 
     Applies to equations that contract the input's trailing axes with the
     kernel's leading axes (`"btd,dnh->btnh"`, `"btnh,nhd->btd"`); any
-    other equation is Keras' own. When int8-quantized, in generation, the
-    int8 inputs and kernel are multiplied exactly without a whole-kernel
-    copy (as float32 on PyTorch, in chunks on JAX; see the module
+    other equation is Keras' own. When int8-quantized, on PyTorch CPU
+    outside autograd and on JAX CPU, the int8 inputs and kernel are
+    multiplied exactly without a whole-kernel copy (see the module
     docstring); every other quantized call is Keras' own.
 
     Example:
@@ -274,20 +291,24 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
         return self._finish(self._matmul(inputs, self.kernel))
 
     def _int8_call(self, inputs, training=None):
-        # Keras multiplies int8 by int8 as int32 on PyTorch, which has no
-        # fast int32 matmul on CPU. In generation the same int8 values are
-        # multiplied as float32, where the products are exact.
         if not (
-            self._int8_is_ours(training)
+            self._int8_is_ours()
             and self._matmul_axes is not None
             and hasattr(self, "_adjust_scale_for_quant")
         ):
             return super()._int8_call(inputs, training=training)
-        quantized, inputs_scale = self.inputs_quantizer(
-            inputs, axis=self.quantization_axis
-        )
-        inputs_scale = self._adjust_scale_for_quant(inputs_scale, "input")
-        return self._int8_product(self._matmul, quantized, inputs_scale)
+
+        def quantize(inputs):
+            quantized, scale = self.inputs_quantizer(
+                inputs, axis=self.quantization_axis
+            )
+            return quantized, self._adjust_scale_for_quant(scale, "input")
+
+        return self._int8_product(self._matmul, inputs, quantize)
+
+    def _dequantize(self, kernel, kernel_scale):
+        scale = self._adjust_scale_for_dequant(kernel_scale)
+        return ops.divide(ops.cast(kernel, self.compute_dtype), scale)
 
     def _matmul(self, inputs, kernel, product=None):
         """`einsum(equation, inputs, kernel)` as one `product` (by default
@@ -303,7 +324,7 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
 
 class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
     """`keras.layers.Dense` whose float call uses `threaded_matmul` and
-    whose int8 product, in generation, is ours (as `ThreadedEinsumDense`).
+    whose int8 product is ours where `ThreadedEinsumDense`'s is.
 
     Example:
 
@@ -318,10 +339,16 @@ class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
         return self._finish(threaded_matmul(inputs, self.kernel))
 
     def _int8_call(self, inputs, training=None):
-        if not self._int8_is_ours(training):
+        if not self._int8_is_ours():
             return super()._int8_call(inputs, training=training)
-        quantized, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
-        return self._int8_product(_product, quantized, inputs_scale)
+
+        def quantize(inputs):
+            return self.inputs_quantizer(inputs, axis=-1)
+
+        return self._int8_product(_product, inputs, quantize)
+
+    def _dequantize(self, kernel, kernel_scale):
+        return ops.divide(ops.cast(kernel, self.compute_dtype), kernel_scale)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
@@ -354,9 +381,16 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         return self._soft_cap(threaded_matmul(inputs, kernel))
 
     def _int8_call(self, inputs, reverse=False):
-        if keras.config.backend() not in ("jax", "torch") or not (
-            reverse and self.tie_weights and hasattr(self, "inputs_quantizer")
-        ):
+        ours = reverse and self.tie_weights and hasattr(self, "inputs_quantizer")
+        if keras.config.backend() == "jax":
+            # int8_matmul needs int8 inputs: Keras' input quantizer.
+            ours = (
+                ours and self.inputs_quantizer is not None
+                and not on_accelerator()
+            )
+        elif keras.config.backend() != "torch":
+            ours = False
+        if not ours:
             return super()._int8_call(inputs, reverse=reverse)
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs)

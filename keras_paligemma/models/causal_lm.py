@@ -51,8 +51,9 @@ class PaliGemmaCausalLM(
       exactly the tokens it gets alone, and the decode loop starts for all
       rows at the longest prompt. The answer budget is `max_length` (the
       packed text length) minus the longest prompt.
-    - JAX: `jax.jit`; TensorFlow: `tf.function` with XLA
-      (`jit_compile=True`); PyTorch: eager under `torch.no_grad()`. One
+    - JAX: `jax.jit`; TensorFlow: `tf.function`, with XLA when
+      `jit_compile` resolves to True (Keras' "auto" is False on CPU-only
+      machines); PyTorch: eager under `torch.no_grad()`. One
       function is compiled per batch size, `max_length` and prompt bucket
       (1-32 tokens, 33-64, 65-128, ...): new prompt lengths inside a
       bucket do not recompile.

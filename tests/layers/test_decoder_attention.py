@@ -6,9 +6,16 @@ import pytest
 from keras import ops
 
 from conftest import BACKEND
+from keras_paligemma.layers import decoder_attention
 from keras_paligemma.layers.decoder_attention import DecoderAttention
 
 FUSED_BACKENDS = ("jax", "torch")
+
+
+@pytest.fixture
+def accelerator(monkeypatch):
+    """Take the path a GPU or TPU takes, on this CPU."""
+    monkeypatch.setattr(decoder_attention, "on_accelerator", lambda x: True)
 
 
 def attention_inputs(heads, kv_heads, dtype, seed=0):
@@ -52,9 +59,19 @@ def spy_on_fused_attention(monkeypatch):
     return calls
 
 
+def test_cpu_keeps_the_float32_einsums(monkeypatch):
+    """On CPU the einsums are faster (torch's kernel broadcasts one
+    key/value head slowly); the tests run on CPU."""
+    calls = spy_on_fused_attention(monkeypatch)
+    layer = DecoderAttention(8, 1, 16, query_pre_attn_scalar=16)
+    query, key, value, mask = attention_inputs(8, 1, "float32")
+    layer._attend(query, key, value, mask)
+    assert not calls
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 1), (4, 2), (2, 2)])
-def test_attention_without_soft_cap_is_fused_where_exact(
-    heads, kv_heads, monkeypatch
+def test_attention_without_soft_cap_is_fused_on_accelerators(
+    heads, kv_heads, monkeypatch, accelerator
 ):
     calls = spy_on_fused_attention(monkeypatch)
     layer = DecoderAttention(heads, kv_heads, 16, query_pre_attn_scalar=16)
@@ -72,7 +89,9 @@ def test_attention_without_soft_cap_is_fused_where_exact(
     )
 
 
-def test_soft_capped_attention_keeps_the_float32_einsums(monkeypatch):
+def test_soft_capped_attention_keeps_the_float32_einsums(
+    monkeypatch, accelerator
+):
     """Keras' soft-cap is `x / (1 + |x| / c)`, not Gemma 2's tanh (and
     PyTorch's ignores it): soft-capped layers never take the fused path."""
     calls = spy_on_fused_attention(monkeypatch)
@@ -90,7 +109,7 @@ def test_soft_capped_attention_keeps_the_float32_einsums(monkeypatch):
 @pytest.mark.skipif(
     BACKEND not in FUSED_BACKENDS, reason="TensorFlow keeps the einsums"
 )
-def test_fused_bfloat16_attention_is_as_accurate_as_the_einsums():
+def test_fused_bfloat16_attention_is_as_accurate_as_the_einsums(accelerator):
     layer = DecoderAttention(8, 1, 16, 16, dtype="bfloat16")
     query, key, value, mask = attention_inputs(8, 1, "bfloat16", seed=1)
     exact = reference(query, key, value, mask, 0.25)

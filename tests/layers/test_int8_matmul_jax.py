@@ -89,18 +89,36 @@ def spy_on_int8_matmul(monkeypatch):
     return calls
 
 
+def test_one_row_at_the_default_chunk_size_and_bad_dtypes():
+    from keras_paligemma.layers.int8_matmul_jax import int8_matmul
+
+    x = np.full((1, 4096), 127, "int8")
+    kernel = RNG.integers(-127, 128, (4096, 300)).astype("int8")
+    kernel[:, 0] = 127  # a sum of 4096 products of 127 * 127
+    for operand, transposed in ((kernel, False), (kernel.T.copy(), True)):
+        out = np.asarray(int8_matmul(x, operand, transposed))
+        np.testing.assert_array_equal(out, int32_product(x, kernel))
+    with pytest.raises(TypeError, match="int8 operands"):
+        int8_matmul(x.astype("float32"), kernel)
+
+
+def quantized_layers(rows):
+    x = RNG.normal(size=(1, rows, 64)).astype("float32")
+    dense = tm.ThreadedDense(48)
+    einsum = tm.ThreadedEinsumDense("btd,dnh->btnh", (None, 3, 16))
+    for layer in (dense, einsum):
+        layer.build(x.shape)
+        layer.quantize("int8")
+    return x, dense, einsum
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(rows, monkeypatch):
     calls = spy_on_int8_matmul(monkeypatch)
-    x = RNG.normal(size=(2, rows, 64)).astype("float32")
-    dense = tm.ThreadedDense(48)
-    einsum = tm.ThreadedEinsumDense("btd,dnh->btnh", (None, 3, 16))
+    x, dense, einsum = quantized_layers(rows)
     embedding = tm.ReversibleEmbedding(300, 64, logit_soft_cap=30.0)
-    for layer in (dense, einsum):
-        layer.build(x.shape)
     embedding.build()
-    for layer in (dense, einsum, embedding):
-        layer.quantize("int8")
+    embedding.quantize("int8")
 
     pairs = [
         (dense(x), keras.layers.Dense._int8_call(dense, x)),
@@ -115,13 +133,35 @@ def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(rows, monkeypatch):
         np.testing.assert_array_equal(ops.convert_to_numpy(ours), theirs)
 
 
-def test_training_keeps_keras_int8_call_and_its_input_gradient(monkeypatch):
+def test_input_gradient_equals_keras(monkeypatch):
+    """Keras' int8 call passes the gradient straight through the input
+    quantizer, with the de-quantized kernel; ours, used in any call, too."""
+    import jax
+
     calls = spy_on_int8_matmul(monkeypatch)
-    dense = tm.ThreadedDense(8)
-    dense.build((None, 16))
-    dense.quantize("int8")
-    x = RNG.normal(size=(4, 16)).astype("float32")
-    dense(x, training=True)
+    x, dense, einsum = quantized_layers(3)
+    for layer, keras_class in (
+        (dense, keras.layers.Dense),
+        (einsum, keras.layers.EinsumDense),
+    ):
+        ours = jax.grad(lambda x: ops.sum(ops.sin(layer(x))))(x)
+        theirs = jax.grad(
+            lambda x: ops.sum(ops.sin(keras_class._int8_call(layer, x)))
+        )(x)
+        assert np.abs(theirs).sum() > 1  # not just the scale's path
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+
+
+def test_weight_only_tied_embedding_keeps_keras_product(monkeypatch):
+    """Without Keras' input quantizer the inputs stay float: Keras' call."""
+    calls = spy_on_int8_matmul(monkeypatch)
+    embedding = tm.ReversibleEmbedding(300, 64)
+    embedding.build()
+    config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    embedding.quantize("int8", config=config)
+    x = RNG.normal(size=(1, 1, 64)).astype("float32")
+    ours = embedding(x, reverse=True)
+    theirs = keras.layers.ReversibleEmbedding._int8_call(embedding, x, True)
     assert calls == []
-    dense(x)
-    assert calls == [False]
+    np.testing.assert_array_equal(ops.convert_to_numpy(ours), theirs)
