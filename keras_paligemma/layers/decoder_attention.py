@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_paligemma.layers.device import on_accelerator
+from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.rotary import apply_rotary_embedding
 from keras_paligemma.layers.threaded_matmul import ThreadedEinsumDense
 from keras_paligemma.layers.window_cache import write_into_ring
@@ -34,10 +34,10 @@ class DecoderAttention(keras.layers.Layer):
     Queries are rotated, then scaled by `query_pre_attn_scalar ** -0.5`
     (Gemma 1 and Gemma 2 2B/9B use `head_dim`; Gemma 2 27B uses
     `hidden_dim / num_query_heads`). Scores and softmax run in float32.
-    Without a soft-cap (PaliGemma 1), on a GPU or TPU with JAX or PyTorch,
+    Without a soft-cap (PaliGemma 1), on a GPU with JAX or PyTorch,
     attention goes through `keras.ops.dot_product_attention`, which may
-    pick a fused or flash kernel; soft-capped scores (PaliGemma 2), CPUs
-    and TensorFlow use this layer's own einsums.
+    pick a fused or flash kernel; soft-capped scores (PaliGemma 2), CPUs,
+    TPUs and TensorFlow use this layer's own einsums.
 
     Args:
         num_query_heads: number of query heads.
@@ -159,18 +159,19 @@ class DecoderAttention(keras.layers.Layer):
 
     def _uses_keras_attention(self, query):
         """Whether `keras.ops.dot_product_attention` computes this layer's
-        attention, so that Keras may pick a fused or flash kernel: on a GPU
-        or TPU, with JAX or PyTorch (which accumulate scores and softmax in
-        float32 at any dtype), without a soft-cap (Keras' is
+        attention, so that Keras may pick a fused or flash kernel: on a GPU,
+        with JAX or PyTorch (which accumulate scores and softmax in float32
+        at any dtype), without a soft-cap (Keras' is
         `x / (1 + |x| / c)`, not Gemma 2's `c * tanh(x / c)`, and
         PyTorch's ignores it). On CPU our einsums are faster (PyTorch's
         kernel broadcasts a single key/value head slowly: 25x at batch 8),
         and TensorFlow has no fused kernel in Keras (and fails for one
-        key/value head)."""
+        key/value head). Not on TPU: Keras' eager TPU kernel applies the
+        first row's mask to every row."""
         return (
             not self.attention_logit_softcap
             and keras.config.backend() != "tensorflow"
-            and on_accelerator(query)
+            and platform(query) == "gpu"
         )
 
     def _attend_in_float32(self, query, key, value, attention_mask):

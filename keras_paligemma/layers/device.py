@@ -1,19 +1,26 @@
-"""Where a computation runs: CPU or an accelerator."""
+"""Where a computation runs: `"cpu"`, `"gpu"` or `"tpu"`."""
 
 import keras
 
 
-def on_accelerator(x=None):
-    """Whether JAX computes on a GPU or TPU, or PyTorch tensor `x` is on
-    one; False on TensorFlow (not needed there).
+def platform(x=None):
+    """The platform JAX computes on, PyTorch tensor `x` is on, or
+    TensorFlow places its ops on (a GPU when one is visible).
 
-    >>> on_accelerator()  # the tests run on CPU
-    False
+    >>> platform() in ("cpu", "gpu", "tpu")
+    True
     """
-    if keras.config.backend() == "jax":
+    backend = keras.config.backend()
+    if backend == "jax":
         import jax
 
-        return jax.default_backend() != "cpu"
-    if keras.config.backend() == "torch" and x is not None:
-        return x.device.type != "cpu"
-    return False
+        return jax.default_backend()
+    if backend == "torch":
+        if x is None:
+            import torch
+
+            return "gpu" if torch.cuda.is_available() else "cpu"
+        return "gpu" if x.device.type == "cuda" else x.device.type
+    import tensorflow as tf
+
+    return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"

@@ -13,12 +13,12 @@ int8 PaliGemma 2 3B peaked above float32 (17.0 against 15.1 GB).
 `(K, N)` kernel. Otherwise it reads the kernel in chunks inside a
 `lax.fori_loop` (2**20 elements converted to float32 or bfloat16 at a
 time; one row against the table reads 16 MiB int8 chunks, which XLA
-converts inside its fused product). Each chunk's start depends on the loop counter,
-tied to this call's input with `optimization_barrier`, so no convert can
-be hoisted, and only one chunk is converted at a time. The result is
-exact: int8 values are exact in bfloat16 and float32, each chunk sums at
-most `EXACT_DEPTH` products in float32 (`127**2 * 1024 < 2**24`), and
-the chunks are summed in int32.
+converts inside its fused product). Each chunk's start depends on the
+loop counter, tied to this call's input with `optimization_barrier`, so
+no convert can be hoisted, and only one chunk is converted at a time.
+The result is exact: int8 values are exact in bfloat16 and float32, each
+chunk sums at most `EXACT_DEPTH` products in float32
+(`127**2 * 1024 < 2**24`), and the chunks are summed in int32.
 """
 import math
 
@@ -204,4 +204,5 @@ def _by_table_rows(x, table, chunk_elements):
             total = total + product.astype(jnp.int32)
         return total
 
-    return _table_row_chunks(table, chunk_elements // depth, x.astype(dtype), body)
+    per_chunk = chunk_elements // depth
+    return _table_row_chunks(table, per_chunk, x.astype(dtype), body)

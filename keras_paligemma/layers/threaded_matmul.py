@@ -43,7 +43,7 @@ import math
 import keras
 from keras import ops
 
-from keras_paligemma.layers.device import on_accelerator
+from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.int8_matmul_jax import int8_matmul
 from keras_paligemma.layers.int8_matmul_jax import with_input_gradient_of
 
@@ -194,6 +194,19 @@ def _split_einsum(equation):
     return batch, contracted, kept
 
 
+def _int8_is_ours_on(inputs):
+    """Whether our int8 product may replace Keras' for `inputs`: on CPU,
+    with JAX, or with PyTorch outside autograd."""
+    backend = keras.config.backend()
+    if backend not in ("jax", "torch") or platform(inputs) != "cpu":
+        return False
+    if backend == "torch":
+        import torch
+
+        return not torch.is_grad_enabled()
+    return True
+
+
 def _product(x, kernel, product=None):
     """`(product or threaded_matmul)(x, kernel)`: `ThreadedDense`'s
     counterpart of `ThreadedEinsumDense._matmul`."""
@@ -244,19 +257,14 @@ class _ThreadedDenseMethods:
         )
         return self._finish(exact(inputs, kernel, scale))
 
-    def _int8_is_ours(self):
+    def _int8_is_ours(self, inputs):
         """Whether our exact int8 product replaces Keras': no LoRA, Keras'
         input quantizer present (older Keras versions take Keras' path),
-        and on PyTorch CPU outside autograd (generation), or JAX on CPU."""
+        on CPU (where it was measured), and on PyTorch outside autograd
+        (generation)."""
         if getattr(self, "inputs_quantizer", None) is None or self.lora_enabled:
             return False
-        if keras.config.backend() == "jax":
-            return not on_accelerator()
-        if keras.config.backend() != "torch":
-            return False
-        import torch
-
-        return not torch.is_grad_enabled()
+        return _int8_is_ours_on(inputs)
 
     def quantize(self, mode=None, type_check=True, **kwargs):
         # Keras refuses subclasses by default; the weights and quantizers
@@ -292,9 +300,10 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
 
     def _int8_call(self, inputs, training=None):
         if not (
-            self._int8_is_ours()
+            self._int8_is_ours(inputs)
             and self._matmul_axes is not None
             and hasattr(self, "_adjust_scale_for_quant")
+            and hasattr(self, "_adjust_scale_for_dequant")
         ):
             return super()._int8_call(inputs, training=training)
 
@@ -339,7 +348,7 @@ class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
         return self._finish(threaded_matmul(inputs, self.kernel))
 
     def _int8_call(self, inputs, training=None):
-        if not self._int8_is_ours():
+        if not self._int8_is_ours(inputs):
             return super()._int8_call(inputs, training=training)
 
         def quantize(inputs):
@@ -381,16 +390,16 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         return self._soft_cap(threaded_matmul(inputs, kernel))
 
     def _int8_call(self, inputs, reverse=False):
-        ours = reverse and self.tie_weights and hasattr(self, "inputs_quantizer")
-        if keras.config.backend() == "jax":
-            # int8_matmul needs int8 inputs: Keras' input quantizer.
-            ours = (
-                ours and self.inputs_quantizer is not None
-                and not on_accelerator()
-            )
-        elif keras.config.backend() != "torch":
-            ours = False
-        if not ours:
+        backend = keras.config.backend()
+        if not (
+            reverse
+            and self.tie_weights
+            and hasattr(self, "inputs_quantizer")
+            and backend in ("jax", "torch")
+            and platform(inputs) == "cpu"
+            # int8_matmul multiplies int8 inputs: Keras' input quantizer.
+            and (backend == "torch" or self.inputs_quantizer is not None)
+        ):
             return super()._int8_call(inputs, reverse=reverse)
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs)

@@ -12,10 +12,14 @@ from keras_paligemma.layers.decoder_attention import DecoderAttention
 FUSED_BACKENDS = ("jax", "torch")
 
 
+def on_platform(monkeypatch, name):
+    monkeypatch.setattr(decoder_attention, "platform", lambda x=None: name)
+
+
 @pytest.fixture
 def accelerator(monkeypatch):
-    """Take the path a GPU or TPU takes, on this CPU."""
-    monkeypatch.setattr(decoder_attention, "on_accelerator", lambda x: True)
+    """Take the path a GPU takes, on this CPU."""
+    on_platform(monkeypatch, "gpu")
 
 
 def attention_inputs(heads, kv_heads, dtype, seed=0):
@@ -59,9 +63,12 @@ def spy_on_fused_attention(monkeypatch):
     return calls
 
 
-def test_cpu_keeps_the_float32_einsums(monkeypatch):
+@pytest.mark.parametrize("name", ["cpu", "tpu"])
+def test_cpu_and_tpu_keep_the_float32_einsums(name, monkeypatch):
     """On CPU the einsums are faster (torch's kernel broadcasts one
-    key/value head slowly); the tests run on CPU."""
+    key/value head slowly); on TPU Keras' eager kernel would apply the
+    first row's mask to every row."""
+    on_platform(monkeypatch, name)
     calls = spy_on_fused_attention(monkeypatch)
     layer = DecoderAttention(8, 1, 16, query_pre_attn_scalar=16)
     query, key, value, mask = attention_inputs(8, 1, "float32")

@@ -16,6 +16,12 @@ pytestmark = pytest.mark.skipif(
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def on_cpu(monkeypatch):
+    """The path is for CPUs; these tests take it on any host."""
+    monkeypatch.setattr(tm, "platform", lambda x=None: "cpu")
+
+
 def int32_product(x, kernel):
     return x.astype("int64") @ kernel.astype("int64")
 
@@ -133,24 +139,44 @@ def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(rows, monkeypatch):
         np.testing.assert_array_equal(ops.convert_to_numpy(ours), theirs)
 
 
-def test_input_gradient_equals_keras(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("jit", [False, True])
+def test_input_gradient_equals_keras(rows, jit, monkeypatch):
     """Keras' int8 call passes the gradient straight through the input
     quantizer, with the de-quantized kernel; ours, used in any call, too."""
     import jax
 
     calls = spy_on_int8_matmul(monkeypatch)
-    x, dense, einsum = quantized_layers(3)
+    x, dense, einsum = quantized_layers(rows)
+    compile = jax.jit if jit else (lambda f: f)
     for layer, keras_class in (
         (dense, keras.layers.Dense),
         (einsum, keras.layers.EinsumDense),
     ):
-        ours = jax.grad(lambda x: ops.sum(ops.sin(layer(x))))(x)
+        ours = compile(jax.grad(lambda x: ops.sum(ops.sin(layer(x)))))(x)
         theirs = jax.grad(
             lambda x: ops.sum(ops.sin(keras_class._int8_call(layer, x)))
         )(x)
         assert np.abs(theirs).sum() > 1  # not just the scale's path
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["gpu", "tpu"])
+def test_accelerators_keep_keras_int8_product(name, monkeypatch):
+    """Measured on CPU only: elsewhere Keras' product, unchanged."""
+    monkeypatch.setattr(tm, "platform", lambda x=None: name)
+    calls = spy_on_int8_matmul(monkeypatch)
+    x, dense, einsum = quantized_layers(1)
+    embedding = tm.ReversibleEmbedding(300, 64)
+    embedding.build()
+    embedding.quantize("int8")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(dense(x)), keras.layers.Dense._int8_call(dense, x)
+    )
+    einsum(x)
+    embedding(x, reverse=True)
+    assert calls == []
 
 
 def test_weight_only_tied_embedding_keeps_keras_product(monkeypatch):
