@@ -194,13 +194,13 @@ def _split_einsum(equation):
     return batch, contracted, kept
 
 
-def _int8_is_ours_on(inputs):
+def _int8_is_ours_on(inputs, under_autograd=False):
     """Whether our int8 product may replace Keras' for `inputs`: on CPU,
-    with JAX, or with PyTorch outside autograd."""
+    with JAX, or with PyTorch outside autograd unless `under_autograd`."""
     backend = keras.config.backend()
     if backend not in ("jax", "torch") or platform(inputs) != "cpu":
         return False
-    if backend == "torch":
+    if backend == "torch" and not under_autograd:
         import torch
 
         return not torch.is_grad_enabled()
@@ -390,15 +390,18 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         return self._soft_cap(threaded_matmul(inputs, kernel))
 
     def _int8_call(self, inputs, reverse=False):
-        backend = keras.config.backend()
+        # Keras' reverse product has no custom gradient: ours may replace
+        # it under autograd too.
         if not (
             reverse
             and self.tie_weights
             and hasattr(self, "inputs_quantizer")
-            and backend in ("jax", "torch")
-            and platform(inputs) == "cpu"
+            and _int8_is_ours_on(inputs, under_autograd=True)
             # int8_matmul multiplies int8 inputs: Keras' input quantizer.
-            and (backend == "torch" or self.inputs_quantizer is not None)
+            and (
+                keras.config.backend() == "torch"
+                or self.inputs_quantizer is not None
+            )
         ):
             return super()._int8_call(inputs, reverse=reverse)
         if self.inputs_quantizer:
