@@ -26,12 +26,12 @@ oneDNN and XLA. So, on PyTorch CPU:
 Results equal `x @ kernel` to float rounding. Other backends and devices,
 and other products, take the ordinary path.
 
-`ThreadedEinsumDense`, `ThreadedDense` and `ReversibleEmbedding` are
-drop-in subclasses of the Keras layers that take this path in their
-float call. int8-quantized, they replace Keras' int8 x int8 product with
-an exact one that never copies a whole kernel: on PyTorch CPU (outside
-autograd) as float32 products, since Keras' int32 product is slow there
-and for the embedding a 2.4 GB copy per step; on JAX CPU with
+`ThreadedEinsumDense` and `ThreadedDense` are drop-in subclasses of the
+Keras layers that take this path in their float call (the tied embedding
+is `reversible_embedding.ReversibleEmbedding`). int8-quantized, they
+replace Keras' int8 x int8 product with an exact one that never copies a
+whole kernel: on PyTorch CPU (outside autograd) as float32 products,
+since Keras' int32 product is slow there; on JAX CPU with
 `int8_matmul_jax.int8_matmul` (differentiated as Keras' call), since
 XLA:CPU makes an int32 copy of every kernel for a one-row product. Other
 quantized calls are Keras' own.
@@ -154,27 +154,6 @@ def threaded_matmul(x, kernel):
     return out.reshape(*x.shape[:-1], columns)
 
 
-def int8_matmul_by_blocks(x, table, block_bytes=2**26):
-    """`x @ table.T` for int8 `x (..., K)` and an int8 `table (N, K)`.
-
-    PyTorch only. Keras computes an int8 product by casting both operands
-    to int32, which for the tied 257,152-row embedding is a 2.4 GB copy
-    per decode step. Here one block of `table` rows (at most `block_bytes`
-    as float32) is converted at a time and multiplied with
-    `threaded_matmul`. int8 products are exact in float32, so the result
-    equals Keras' up to float32 rounding of sums beyond 2**24.
-    """
-    import torch
-
-    x = ops.convert_to_tensor(x).to(torch.float32)
-    rows_per_block = max(1, block_bytes // (4 * table.shape[1]))
-    blocks = torch.split(ops.convert_to_tensor(table), rows_per_block)
-    return torch.cat(
-        [threaded_matmul(x, block.to(torch.float32).T) for block in blocks],
-        dim=-1,
-    )
-
-
 def _split_einsum(equation):
     """`(batch_letters, contracted_letters, output_letters)` of an einsum
     `"<batch><contracted>,<contracted><out>-><batch><out>"`, else None."""
@@ -194,11 +173,13 @@ def _split_einsum(equation):
     return batch, contracted, kept
 
 
-def _int8_is_ours_on(inputs, under_autograd=False):
-    """Whether our int8 product may replace Keras' for `inputs`: on CPU,
-    with JAX, or with PyTorch outside autograd unless `under_autograd`."""
+def int8_product_is_ours(inputs, under_autograd=False, tensorflow=False):
+    """Whether our exact int8 product may replace Keras' for `inputs`: on
+    CPU, with JAX, with PyTorch outside autograd unless `under_autograd`,
+    and with TensorFlow when `tensorflow` (the tied table only)."""
     backend = keras.config.backend()
-    if backend not in ("jax", "torch") or platform(inputs) != "cpu":
+    backends = ("jax", "torch", "tensorflow") if tensorflow else ("jax", "torch")
+    if backend not in backends or platform(inputs) != "cpu":
         return False
     if backend == "torch" and not under_autograd:
         import torch
@@ -264,7 +245,7 @@ class _ThreadedDenseMethods:
         (generation)."""
         if getattr(self, "inputs_quantizer", None) is None or self.lora_enabled:
             return False
-        return _int8_is_ours_on(inputs)
+        return int8_product_is_ours(inputs)
 
     def quantize(self, mode=None, type_check=True, **kwargs):
         # Keras refuses subclasses by default; the weights and quantizers
@@ -358,73 +339,3 @@ class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
 
     def _dequantize(self, kernel, kernel_scale):
         return ops.divide(ops.cast(kernel, self.compute_dtype), kernel_scale)
-
-
-class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
-    """`keras.layers.ReversibleEmbedding` whose reverse projection (hidden
-    states to logits) uses `threaded_matmul`, and, when int8-quantized
-    with tied weights, `int8_matmul_by_blocks` (PyTorch) or
-    `int8_matmul_jax.int8_matmul` (JAX).
-
-    It keeps Keras' class name on purpose: Keras' weight files key a
-    functional model's layers by class name, so presets saved with the
-    Keras class load into this one and the other way round.
-
-    Example:
-
-    >>> layer = ReversibleEmbedding(10, 4, logit_soft_cap=30.0)
-    >>> tuple(layer(keras.ops.ones((1, 2, 4)), reverse=True).shape)
-    (1, 2, 10)
-    """
-
-    def call(self, inputs, reverse=False):
-        if keras.config.backend() != "torch" or not reverse:
-            return super().call(inputs, reverse=reverse)
-        if self.tie_weights:
-            kernel = ops.transpose(self.embeddings)
-        else:
-            kernel = self.reverse_embeddings
-        if self.reverse_dtype is not None:
-            inputs = ops.cast(inputs, self.reverse_dtype)
-            kernel = ops.cast(kernel, self.reverse_dtype)
-        return self._soft_cap(threaded_matmul(inputs, kernel))
-
-    def _int8_call(self, inputs, reverse=False):
-        # Keras' reverse product has no custom gradient: ours may replace
-        # it under autograd too.
-        if not (
-            reverse
-            and self.tie_weights
-            and hasattr(self, "inputs_quantizer")
-            and _int8_is_ours_on(inputs, under_autograd=True)
-            # int8_matmul multiplies int8 inputs: Keras' input quantizer.
-            and (
-                keras.config.backend() == "torch"
-                or self.inputs_quantizer is not None
-            )
-        ):
-            return super()._int8_call(inputs, reverse=reverse)
-        if self.inputs_quantizer:
-            inputs, inputs_scale = self.inputs_quantizer(inputs)
-        else:
-            inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
-        if keras.config.backend() == "jax":
-            logits = int8_matmul(inputs, self._embeddings, transposed=True)
-        else:
-            logits = int8_matmul_by_blocks(inputs, self._embeddings)
-        logits = ops.divide(
-            ops.cast(logits, self.compute_dtype),
-            ops.multiply(inputs_scale, self.embeddings_scale),
-        )
-        return self._soft_cap(logits)
-
-    def _soft_cap(self, logits):
-        if self.logit_soft_cap is None:
-            return logits
-        cap = self.logit_soft_cap
-        return ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-
-    def quantize(self, mode=None, type_check=True, **kwargs):
-        # Keras refuses subclasses by default; the weights and quantizers
-        # are Keras' own, so its quantization applies unchanged.
-        super().quantize(mode, type_check=False, **kwargs)

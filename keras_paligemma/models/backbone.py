@@ -7,7 +7,7 @@ from keras import ops
 from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
 from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
-from keras_paligemma.layers.threaded_matmul import ReversibleEmbedding
+from keras_paligemma.layers.reversible_embedding import ReversibleEmbedding
 from keras_paligemma.layers.vision_encoder import VisionEncoder
 from keras_paligemma.layers.window_cache import holds_window_rings
 from keras_paligemma.layers.window_cache import ring_mask_and_slots

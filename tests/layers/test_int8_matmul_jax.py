@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 from conftest import BACKEND
+from keras_paligemma.layers import reversible_embedding as emb
 from keras_paligemma.layers import threaded_matmul as tm
 
 pytestmark = pytest.mark.skipif(
@@ -92,6 +93,7 @@ def spy_on_int8_matmul(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tm, "int8_matmul", recording)
+    monkeypatch.setattr(emb, "int8_matmul", recording)
     return calls
 
 
@@ -122,7 +124,7 @@ def quantized_layers(rows):
 def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(rows, monkeypatch):
     calls = spy_on_int8_matmul(monkeypatch)
     x, dense, einsum = quantized_layers(rows)
-    embedding = tm.ReversibleEmbedding(300, 64, logit_soft_cap=30.0)
+    embedding = emb.ReversibleEmbedding(300, 64, logit_soft_cap=30.0)
     embedding.build()
     embedding.quantize("int8")
 
@@ -168,7 +170,7 @@ def test_accelerators_keep_keras_int8_product(name, monkeypatch):
     monkeypatch.setattr(tm, "platform", lambda x=None: name)
     calls = spy_on_int8_matmul(monkeypatch)
     x, dense, einsum = quantized_layers(1)
-    embedding = tm.ReversibleEmbedding(300, 64)
+    embedding = emb.ReversibleEmbedding(300, 64)
     embedding.build()
     embedding.quantize("int8")
     np.testing.assert_array_equal(
@@ -182,7 +184,7 @@ def test_accelerators_keep_keras_int8_product(name, monkeypatch):
 def test_weight_only_tied_embedding_keeps_keras_product(monkeypatch):
     """Without Keras' input quantizer the inputs stay float: Keras' call."""
     calls = spy_on_int8_matmul(monkeypatch)
-    embedding = tm.ReversibleEmbedding(300, 64)
+    embedding = emb.ReversibleEmbedding(300, 64)
     embedding.build()
     config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
     embedding.quantize("int8", config=config)

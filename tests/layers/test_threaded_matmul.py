@@ -6,8 +6,9 @@ import pytest
 from keras import ops
 
 from keras_paligemma.layers import threaded_matmul as tm
+from keras_paligemma.layers.reversible_embedding import ReversibleEmbedding
+from keras_paligemma.layers.reversible_embedding import int8_matmul_by_blocks
 from keras_paligemma.layers.threaded_matmul import (
-    ReversibleEmbedding,
     ThreadedDense,
     ThreadedEinsumDense,
     threaded_matmul,
@@ -239,7 +240,7 @@ def test_int8_matmul_by_blocks_equals_int32_product():
         pytest.skip("Keras' own int8 product is used off PyTorch")
     x = RNG.integers(-127, 128, size=(2, 1, 16)).astype("int8")
     table = RNG.integers(-127, 128, size=(10, 16)).astype("int8")
-    out = tm.int8_matmul_by_blocks(x, table, block_bytes=3 * 16 * 4)  # 4 blocks
+    out = int8_matmul_by_blocks(x, table, block_bytes=3 * 16 * 4)  # 4 blocks
     expected = x.astype("int32") @ table.T.astype("int32")
     np.testing.assert_array_equal(numpy(out), expected)
 

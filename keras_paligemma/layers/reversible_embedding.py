@@ -1,0 +1,112 @@
+"""The token embedding, tied to the vocabulary projection.
+
+Keras projects hidden states onto an int8 tied table as
+`matmul(inputs, transpose(table))` with an int32 result. For the
+257,152-row vocabulary every backend's CPU path copies the table on each
+decode step: PyTorch and TensorFlow cast it to int32 (2.4 GB; TensorFlow
+also transposes it, and with oneDNN on keeps the memory), and XLA:CPU
+converts it to int32 at any row count. `ReversibleEmbedding` replaces
+that product on CPU with one per backend that converts a bounded chunk
+of the table at a time: `int8_matmul_by_blocks` (PyTorch),
+`int8_matmul_jax.int8_matmul` and `int8_matmul_tf.int8_table_matmul`.
+Its float projection uses `threaded_matmul`.
+"""
+
+import keras
+from keras import ops
+
+from keras_paligemma.layers.int8_matmul_jax import int8_matmul
+from keras_paligemma.layers.int8_matmul_tf import int8_table_matmul
+from keras_paligemma.layers.threaded_matmul import int8_product_is_ours
+from keras_paligemma.layers.threaded_matmul import threaded_matmul
+
+
+def int8_matmul_by_blocks(x, table, block_bytes=2**26):
+    """`x @ table.T` for int8 `x (..., K)` and an int8 `table (N, K)`.
+
+    PyTorch only. Keras computes an int8 product by casting both operands
+    to int32, which for the tied 257,152-row embedding is a 2.4 GB copy
+    per decode step. Here one block of `table` rows (at most `block_bytes`
+    as float32) is converted at a time and multiplied with
+    `threaded_matmul`. int8 products are exact in float32, so the result
+    equals Keras' up to float32 rounding of sums beyond 2**24.
+    """
+    import torch
+
+    x = ops.convert_to_tensor(x).to(torch.float32)
+    rows_per_block = max(1, block_bytes // (4 * table.shape[1]))
+    blocks = torch.split(ops.convert_to_tensor(table), rows_per_block)
+    return torch.cat(
+        [threaded_matmul(x, block.to(torch.float32).T) for block in blocks],
+        dim=-1,
+    )
+
+
+class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
+    """`keras.layers.ReversibleEmbedding` whose reverse projection (hidden
+    states to logits) uses `threaded_matmul`, and, when int8-quantized
+    with tied weights, on CPU, a product per backend that never copies
+    the table (see the module docstring).
+
+    It keeps Keras' class name on purpose: Keras' weight files key a
+    functional model's layers by class name, so presets saved with the
+    Keras class load into this one and the other way round.
+
+    Example:
+
+    >>> layer = ReversibleEmbedding(10, 4, logit_soft_cap=30.0)
+    >>> tuple(layer(keras.ops.ones((1, 2, 4)), reverse=True).shape)
+    (1, 2, 10)
+    """
+
+    def call(self, inputs, reverse=False):
+        if keras.config.backend() != "torch" or not reverse:
+            return super().call(inputs, reverse=reverse)
+        if self.tie_weights:
+            kernel = ops.transpose(self.embeddings)
+        else:
+            kernel = self.reverse_embeddings
+        if self.reverse_dtype is not None:
+            inputs = ops.cast(inputs, self.reverse_dtype)
+            kernel = ops.cast(kernel, self.reverse_dtype)
+        return self._soft_cap(threaded_matmul(inputs, kernel))
+
+    def _int8_call(self, inputs, reverse=False):
+        # Keras' reverse product has no custom gradient: ours may replace
+        # it under autograd too.
+        backend = keras.config.backend()
+        if not (
+            reverse
+            and self.tie_weights
+            and hasattr(self, "inputs_quantizer")
+            and int8_product_is_ours(inputs, under_autograd=True, tensorflow=True)
+            # JAX and TensorFlow multiply int8 inputs: Keras' quantizer.
+            and (backend == "torch" or self.inputs_quantizer is not None)
+        ):
+            return super()._int8_call(inputs, reverse=reverse)
+        if self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs)
+        else:
+            inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
+        if backend == "jax":
+            logits = int8_matmul(inputs, self._embeddings, transposed=True)
+        elif backend == "tensorflow":
+            logits = int8_table_matmul(inputs, self._embeddings)
+        else:
+            logits = int8_matmul_by_blocks(inputs, self._embeddings)
+        logits = ops.divide(
+            ops.cast(logits, self.compute_dtype),
+            ops.multiply(inputs_scale, self.embeddings_scale),
+        )
+        return self._soft_cap(logits)
+
+    def _soft_cap(self, logits):
+        if self.logit_soft_cap is None:
+            return logits
+        cap = self.logit_soft_cap
+        return ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+
+    def quantize(self, mode=None, type_check=True, **kwargs):
+        # Keras refuses subclasses by default; the weights and quantizers
+        # are Keras' own, so its quantization applies unchanged.
+        super().quantize(mode, type_check=False, **kwargs)
