@@ -26,6 +26,12 @@ def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
     assert "| ours | 2 |" in result.stdout
     report = json.loads(out.read_text())
     assert report["backend"] == BACKEND
+    # Measured before the runs and before the one repeat of one batch.
+    hardware = report["hardware"]
+    assert hardware["samples"] == 2
+    low, high = hardware["bandwidth_range"]
+    assert 0 < low <= hardware["bandwidth"] <= high
+    assert "(median of 2, " in result.stdout
     rows = {row["model"]: row for row in report["rows"]}
     assert set(rows) == {
         "ours", "ours-int8", "ours-bfloat16", "keras_hub", "transformers"}

@@ -21,7 +21,8 @@ greedy decoding without stop tokens:
 
 Models run interleaved (A B C A B C ...); each time is the best of
 `--repeats`. The same run measures memory bandwidth and matmul throughput
-for floors: decode = weight bytes per step / bandwidth, prefill and TTFT
+before the runs and before each repeat, interleaved with the models, and
+takes the median for floors: decode = weight bytes per step / bandwidth, prefill and TTFT
 = matmul FLOPs / throughput (each or the other bound if larger; TTFT
 counts the work one answer token needs, see `benchmark_measure.floors`).
 Prints markdown
@@ -45,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmark_measure import PeakRss  # noqa: E402
 from benchmark_measure import floors  # noqa: E402
 from benchmark_measure import measure_hardware  # noqa: E402
+from benchmark_measure import median_hardware  # noqa: E402
 from benchmark_measure import parameter_counts  # noqa: E402
 from benchmark_measure import seconds  # noqa: E402
 from benchmark_peers import KerasRunner  # noqa: E402
@@ -86,8 +88,9 @@ def random_inputs(backbone, batch, length, seed):
     return images, prompts
 
 
-def run_batch(runners, backbone, batch, args):
-    """Interleaved best-of measurements of every runner for one batch size."""
+def run_batch(runners, backbone, batch, args, before_repeat=None):
+    """Interleaved best-of measurements of every runner for one batch size;
+    `before_repeat()`, if given, runs before each repeat."""
     images, prompts = random_inputs(backbone, batch, PROMPT_LENGTH, args.seed)
     # A one token shorter prompt, right-padded: shows any recompilation.
     other_images, shorter = random_inputs(
@@ -104,6 +107,8 @@ def run_batch(runners, backbone, batch, args):
             tokens[runner.name] = runner.generate(images, prompts, args.new_tokens)
         rss[runner.name] = memory
     for _ in range(args.repeats):
+        if before_repeat:
+            before_repeat()
         for runner in runners:
             times = best[runner.name]
             times["prefill"].append(seconds(
@@ -211,12 +216,19 @@ def main(argv=None):
     if "keras_hub" in peers:
         runners.insert(1 + len(args.variants),
                        KerasRunner("keras_hub", keras_hub_causal_lm(backbone)))
-    hardware = measure_hardware(
-        args.bandwidth_mb or (64 if args.small else 1024),
-        args.matmul_size or (256 if args.small else 2048),
-    )
+    samples = []
+
+    def measure():
+        samples.append(measure_hardware(
+            args.bandwidth_mb or (64 if args.small else 1024),
+            args.matmul_size or (256 if args.small else 2048),
+        ))
+
+    measure()
     batches = [int(b) for b in args.batches.split(",")]
-    rows = [row for b in batches for row in run_batch(runners, backbone, b, args)]
+    rows = [row for b in batches
+            for row in run_batch(runners, backbone, b, args, measure)]
+    hardware = median_hardware(samples)
     ratio_rows = ratios(rows, {
         b: floors(backbone, b, hardware, PROMPT_LENGTH) for b in batches})
     questions = []

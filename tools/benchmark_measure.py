@@ -85,6 +85,27 @@ def measure_hardware(bandwidth_mb, matmul_size):
     return found
 
 
+def median_hardware(samples):
+    """One `measure_hardware` result from several taken during the run:
+    the median of each figure, with the bandwidths' range and the count.
+    On a shared machine the bandwidth drifts (35-68 GB/s here); a floor
+    from one early sample may come from a faster or slower moment than
+    the timings it divides.
+
+    >>> found = median_hardware([{"bandwidth": 3.0, "matmul": 1.0},
+    ...                          {"bandwidth": 1.0, "matmul": 2.0},
+    ...                          {"bandwidth": 2.0, "matmul": 3.0}])
+    >>> found["bandwidth"], found["matmul"], found["bandwidth_range"]
+    (2.0, 2.0, [1.0, 3.0])
+    """
+    found = {key: float(np.median([s[key] for s in samples]))
+             for key in samples[0]}
+    bandwidths = [s["bandwidth"] for s in samples]
+    found["bandwidth_range"] = [min(bandwidths), max(bandwidths)]
+    found["samples"] = len(samples)
+    return found
+
+
 def parameter_counts(backbone):
     """Weights per part: `vision` (encoder + projector), `decoder`, `embedding`."""
     parts = {"vision_encoder": "vision", "token_embedding": "embedding"}

@@ -59,6 +59,7 @@ def table(entries, columns):
 def markdown(result):
     """The measurements and the ratios as two markdown tables."""
     hardware = result["hardware"]
+    low, high = hardware["bandwidth_range"]
     peers = [r["model"] for r in result["rows"]
              if not r["model"].startswith("ours")]
     ratio_columns = [("batch", "batch", ""), ("metric", "metric", ""),
@@ -69,7 +70,8 @@ def markdown(result):
     return "\n\n".join([
         f"backend {result['backend']}, "
         f"{sum(result['parameters'].values()):,} parameters, bandwidth "
-        f"{hardware['bandwidth'] / 1e9:.1f} GB/s, matmul "
+        f"{hardware['bandwidth'] / 1e9:.1f} GB/s (median of "
+        f"{hardware['samples']}, {low / 1e9:.1f}-{high / 1e9:.1f}), matmul "
         f"{hardware['matmul'] / 1e9:.1f} GFLOP/s",
         table(result["rows"], ROW_COLUMNS),
         table(result["ratios"], ratio_columns),
