@@ -53,10 +53,12 @@ def int8_matmul_by_blocks(x, table, block_bytes=2**26):
 
 
 @functools.cache
-def _compiled_table_product():
+def _compiled_table_product(dtype):
+    """One compiled function per result dtype (a shared one would be
+    traced again for each dtype, and TensorFlow warns about that)."""
     import tensorflow as tf
 
-    def product(x, table, dtype):
+    def product(x, table):
         x, table = tf.cast(x, dtype), tf.cast(table, dtype)
         return tf.matmul(x, table, transpose_b=True)
 
@@ -81,7 +83,7 @@ def xla_table_matmul(x, table):
     shape = ops.shape(x)
     dtype = keras.backend.result_type(x.dtype, table.dtype)  # as `ops.matmul`
     flat = ops.reshape(x, (-1, shape[-1]))
-    out = _compiled_table_product()(flat, table, dtype)
+    out = _compiled_table_product(dtype)(flat, table)
     return ops.reshape(out, (*shape[:-1], ops.shape(table)[0]))
 
 
