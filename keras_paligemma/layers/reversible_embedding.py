@@ -23,11 +23,11 @@ import keras
 from keras import ops
 
 from keras_paligemma.layers.device import platform
-
 from keras_paligemma.layers.int8_matmul_jax import int8_matmul
 from keras_paligemma.layers.int8_matmul_tf import int8_table_matmul
 from keras_paligemma.layers.threaded_matmul import THREADED
 from keras_paligemma.layers.threaded_matmul import int8_product_is_ours
+from keras_paligemma.layers.threaded_matmul import on_rows
 from keras_paligemma.layers.threaded_matmul import threaded_matmul
 
 
@@ -80,11 +80,8 @@ def xla_table_matmul(x, table):
     import tensorflow as tf
 
     x, table = tf.convert_to_tensor(x), tf.convert_to_tensor(table)
-    shape = ops.shape(x)
     dtype = keras.backend.result_type(x.dtype, table.dtype)  # as `ops.matmul`
-    flat = ops.reshape(x, (-1, shape[-1]))
-    out = _compiled_table_product(dtype)(flat, table)
-    return ops.reshape(out, (*shape[:-1], ops.shape(table)[0]))
+    return on_rows(_compiled_table_product(dtype), x, table)
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):

@@ -127,7 +127,7 @@ def threaded_matmul(x, kernel):
     """
     backend = keras.config.backend()
     if backend == "tensorflow":
-        return _rows_matmul(x, kernel)
+        return on_rows(ops.matmul, x, kernel)
     if backend != "torch":
         return ops.matmul(x, kernel)
     import torch
@@ -170,11 +170,12 @@ def threaded_matmul(x, kernel):
     return out.reshape(*x.shape[:-1], columns)
 
 
-def _rows_matmul(x, kernel):
-    """`x @ kernel` with `x` flattened to a matrix of its rows."""
+def on_rows(product, x, kernel):
+    """`product(rows, kernel)` with `x (..., K)` flattened to a matrix of
+    its rows, the result shaped back to `(..., N)`."""
     shape = ops.shape(x)
-    out = ops.matmul(ops.reshape(x, (-1, shape[-1])), kernel)
-    return ops.reshape(out, (*shape[:-1], ops.shape(kernel)[-1]))
+    out = product(ops.reshape(x, (-1, shape[-1])), kernel)
+    return ops.reshape(out, (*shape[:-1], ops.shape(out)[-1]))
 
 
 def _split_einsum(equation):
