@@ -1,5 +1,7 @@
 """`tools/benchmark.py --small` runs end to end on the current backend."""
 
+import doctest
+import importlib
 import json
 import math
 import os
@@ -51,6 +53,10 @@ def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
         for key in ("prefill_ms", "ttft_ms", "peak_rss_mb"):
             assert row[key] > 0
         assert math.isfinite(row["decode_ms_per_token"])
+        # One repeat: its decode time, with the read rate around it.
+        ((decode_ms, rate),) = row["decode_samples"]
+        assert math.isfinite(decode_ms) and rate > 0
+        assert math.isfinite(row["decode_over_paired_floor"])
     # One compilation per buffer length (1 and 3 new tokens); the shorter
     # prompt reuses them. Nothing compiles on torch or in transformers.
     expected = 0 if BACKEND == "torch" else 2
@@ -60,8 +66,22 @@ def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
     assert metrics == {("prefill", 2), ("ttft", 2), ("decode", 2)}
     for entry in report["ratios"]:
         assert entry["floor_ms"] > 0
-        for key in ("us_over_floor", "us_over_keras_hub", "us_over_transformers"):
+        keys = ["us_over_floor", "us_over_keras_hub", "us_over_transformers"]
+        assert ("us_over_paired_floor" in entry) == (entry["metric"] == "decode")
+        if entry["metric"] == "decode":
+            assert entry["us_over_paired_floor"] == rows["ours"][
+                "decode_over_paired_floor"]
+        for key in keys:
             assert math.isfinite(entry[key])
             # Decode is a difference of two timings: at toy sizes it is
             # noise and may come out negative.
             assert entry["metric"] == "decode" or entry[key] > 0
+
+
+def test_benchmark_helpers_examples(monkeypatch):
+    """The docstring examples of the benchmark's helpers (floors: the
+    median of samples, the paired floor)."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    for name in ("benchmark_measure", "benchmark_report"):
+        result = doctest.testmod(importlib.import_module(name))
+        assert result.attempted > 0 and result.failed == 0, name

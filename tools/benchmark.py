@@ -25,6 +25,9 @@ before the runs and before each repeat, interleaved with the models, and
 takes the median for floors: decode = weight bytes per step / bandwidth, prefill and TTFT
 = matmul FLOPs / throughput (each or the other bound if larger; TTFT
 counts the work one answer token needs, see `benchmark_measure.floors`).
+The bandwidth of this shared machine switches during a run, so decode is
+also set against a paired floor: the read rate measured just before and
+after each model's decode timings (`benchmark_report.paired_floor_ratio`).
 Prints markdown
 tables; `--json` writes everything.
 
@@ -48,6 +51,7 @@ from benchmark_measure import floors  # noqa: E402
 from benchmark_measure import measure_hardware  # noqa: E402
 from benchmark_measure import median_hardware  # noqa: E402
 from benchmark_measure import parameter_counts  # noqa: E402
+from benchmark_measure import read_rates  # noqa: E402
 from benchmark_measure import seconds  # noqa: E402
 from benchmark_peers import KerasRunner  # noqa: E402
 from benchmark_peers import TransformersRunner  # noqa: E402
@@ -56,6 +60,7 @@ from benchmark_peers import random_backbone  # noqa: E402
 from benchmark_peers import transformers_model  # noqa: E402
 from benchmark_peers import variant_causal_lm  # noqa: E402
 from benchmark_report import markdown  # noqa: E402
+from benchmark_report import paired_floor_ratio  # noqa: E402
 from benchmark_report import ratios  # noqa: E402
 
 from keras_paligemma import PaliGemmaCausalLM  # noqa: E402
@@ -88,16 +93,20 @@ def random_inputs(backbone, batch, length, seed):
     return images, prompts
 
 
-def run_batch(runners, backbone, batch, args, before_repeat=None):
+def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
     """Interleaved best-of measurements of every runner for one batch size;
-    `before_repeat()`, if given, runs before each repeat."""
+    `before_repeat()`, if given, runs before each repeat. `probe()`, if
+    given, returns the memory read rate now: it runs just before and just
+    after each runner's decode timings, and the row keeps each repeat's
+    decode time with the faster of the two rates (`decode_samples`)."""
     images, prompts = random_inputs(backbone, batch, PROMPT_LENGTH, args.seed)
     # A one token shorter prompt, right-padded: shows any recompilation.
     other_images, shorter = random_inputs(
         backbone, batch, PROMPT_LENGTH - 1, args.seed + 1)
     shorter = np.pad(shorter, ((0, 0), (0, 1)))
     compilations = {r.name: r.compilations for r in runners}
-    best = {r.name: {"prefill": [], "ttft": [], "generate": []} for r in runners}
+    best = {r.name: {"prefill": [], "ttft": [], "generate": [], "bandwidth": []}
+            for r in runners}
     rss, tokens, logits = {}, {}, {}
     for runner in runners:  # Warm up: compile every shape once.
         with PeakRss() as memory:
@@ -113,13 +122,19 @@ def run_batch(runners, backbone, batch, args, before_repeat=None):
             times = best[runner.name]
             times["prefill"].append(seconds(
                 lambda: runner.prefill(images, prompts)))
+            before = probe() if probe else None
             times["ttft"].append(seconds(
                 lambda: runner.generate(images, prompts, 1)))
             times["generate"].append(seconds(
                 lambda: runner.generate(images, prompts, args.new_tokens)))
+            if probe:
+                times["bandwidth"].append(max(before, probe()))
     rows = []
     for runner in runners:
-        times = {key: min(values) for key, values in best[runner.name].items()}
+        repeats = best[runner.name]
+        decodes = [1e3 * (g - t) / (args.new_tokens - 1)
+                   for g, t in zip(repeats["generate"], repeats["ttft"])]
+        times = {key: min(repeats[key]) for key in ("prefill", "ttft", "generate")}
         memory = rss[runner.name]
         rows.append({
             "model": runner.name, "batch": batch,
@@ -127,6 +142,8 @@ def run_batch(runners, backbone, batch, args, before_repeat=None):
             "ttft_ms": 1e3 * times["ttft"],
             "decode_ms_per_token": 1e3 * (times["generate"] - times["ttft"])
             / (args.new_tokens - 1),
+            "decode_samples": [list(pair) for pair in
+                               zip(decodes, repeats["bandwidth"])],
             "peak_rss_mb": memory.peak / 2**20,
             "rss_increase_mb": (memory.peak - memory.before) / 2**20,
             "compilations": runner.compilations - compilations[runner.name],
@@ -217,18 +234,25 @@ def main(argv=None):
         runners.insert(1 + len(args.variants),
                        KerasRunner("keras_hub", keras_hub_causal_lm(backbone)))
     samples = []
+    bandwidth_mb = args.bandwidth_mb or (64 if args.small else 1024)
 
     def measure():
         samples.append(measure_hardware(
-            args.bandwidth_mb or (64 if args.small else 1024),
-            args.matmul_size or (256 if args.small else 2048),
-        ))
+            bandwidth_mb, args.matmul_size or (256 if args.small else 2048)))
+
+    def probe():
+        return max(read_rates(bandwidth_mb, repeats=2).values())
 
     measure()
     batches = [int(b) for b in args.batches.split(",")]
     rows = [row for b in batches
-            for row in run_batch(runners, backbone, b, args, measure)]
+            for row in run_batch(runners, backbone, b, args, measure, probe)]
     hardware = median_hardware(samples)
+    for row in rows:
+        row["decode_over_paired_floor"] = paired_floor_ratio(
+            row["decode_samples"], lambda rate, batch=row["batch"]: floors(
+                backbone, batch, dict(hardware, bandwidth=rate), PROMPT_LENGTH
+            )["decode"])
     ratio_rows = ratios(rows, {
         b: floors(backbone, b, hardware, PROMPT_LENGTH) for b in batches})
     questions = []

@@ -51,31 +51,42 @@ def seconds(function, repeats=1):
     return min(times)
 
 
-def measure_hardware(bandwidth_mb, matmul_size):
-    """Bandwidth (bytes/s) and matmul FLOP/s, with the backend and torch.
+def read_rates(bandwidth_mb, repeats=5):
+    """Memory read rates (bytes/s) over a `bandwidth_mb` float32 matrix.
 
-    Bandwidth: a matrix-vector product over a `bandwidth_mb` float32
-    matrix (what a decode step does with each weight), and torch's sum of
-    the same matrix (torch's CPU matrix-vector product runs on one thread,
-    so it understates the machine); matmul: square float32 matrices of
-    side `matmul_size`.
+    A matrix-vector product with the backend (what a decode step does
+    with each weight) and with torch, and torch's sum of the matrix
+    (torch's CPU matrix-vector product runs on one thread, so it
+    understates the machine); each the best of `repeats`.
     """
     ops = keras.ops
-    rows, m = bandwidth_mb * 2**20 // (4 * 1024), matmul_size
-    big, vector, a = ops.ones((rows, 1024)), ops.ones((1024,)), ops.ones((m, m))
-    big_t, vector_t, a_t = torch.ones(rows, 1024), torch.ones(1024), torch.ones(m, m)
+    rows = bandwidth_mb * 2**20 // (4 * 1024)
+    big, vector = ops.ones((rows, 1024)), ops.ones((1024,))
+    big_t, vector_t = torch.ones(rows, 1024), torch.ones(1024)
     with torch.no_grad():
-        found = {
+        return {
             "bandwidth_backend": rows * 4096 / seconds(
-                lambda: ops.convert_to_numpy(ops.matmul(big, vector)), 5),
+                lambda: ops.convert_to_numpy(ops.matmul(big, vector)), repeats),
             "bandwidth_torch": rows * 4096 / seconds(
-                lambda: (big_t @ vector_t).numpy(), 5),
+                lambda: (big_t @ vector_t).numpy(), repeats),
             "bandwidth_torch_sum": rows * 4096 / seconds(
-                lambda: big_t.sum().item(), 5),
-            "matmul_backend": 2 * m**3 / seconds(
-                lambda: ops.convert_to_numpy(ops.matmul(a, a)), 5),
-            "matmul_torch": 2 * m**3 / seconds(lambda: (a_t @ a_t).numpy(), 5),
+                lambda: big_t.sum().item(), repeats),
         }
+
+
+def measure_hardware(bandwidth_mb, matmul_size):
+    """Bandwidth (bytes/s, the best of `read_rates`) and matmul FLOP/s
+    (square float32 matrices of side `matmul_size`), with the backend and
+    torch."""
+    ops = keras.ops
+    m = matmul_size
+    a, a_t = ops.ones((m, m)), torch.ones(m, m)
+    found = read_rates(bandwidth_mb)
+    with torch.no_grad():
+        found["matmul_backend"] = 2 * m**3 / seconds(
+            lambda: ops.convert_to_numpy(ops.matmul(a, a)), 5)
+        found["matmul_torch"] = 2 * m**3 / seconds(
+            lambda: (a_t @ a_t).numpy(), 5)
     found["bandwidth"] = max(
         found["bandwidth_backend"],
         found["bandwidth_torch"],
