@@ -1,4 +1,4 @@
-"""Matmuls that read the weights fast on PyTorch and TensorFlow CPUs.
+"""Matmuls that read the weights fast on CPU: PyTorch, TensorFlow and JAX.
 
 PyTorch's float32 CPU product (MKL) is slow for the shapes inference
 has: one row (a decode step, one token per sequence) runs on a single
@@ -31,6 +31,19 @@ same product with `x` flattened to a matrix of its rows; so
 XLA as well (`reversible_embedding.xla_table_matmul`), a decode step of
 the 4-layer benchmark config took 110 against 134 ms with Keras' layers
 (122 with only the flattening; one process, interleaved, same tokens).
+
+On JAX CPU, `ThreadedEinsumDense` computes its float einsum as one
+product of the operands flattened to 2-D as well (`threaded_matmul` is
+`ops.matmul` there). Given the attention output projection's einsum
+(`"btnh,nhd->btd"`) after the attention, XLA:CPU chose to copy the
+kernel into the head order of the attention output on every call, a
+decode step included (19 MB per layer for PaliGemma 2 3B); with the
+heads flattened the kernel is read in place. Against Keras' einsum, in
+one process with the same weights, interleaved, same tokens, batch 1:
+decode of the 4-layer benchmark config took 115-125 against 127-132
+ms/token in five pairs; with 12 decoder layers 221-230 against 225-247
+ms/token and time to first token 2683-2708 against 2785-3064 ms in four
+pairs. At batch 8 (compute-bound) the difference was within noise.
 
 Results equal `x @ kernel` to float rounding. Other backends and devices,
 and other products, take the ordinary path.
@@ -212,6 +225,16 @@ def int8_product_is_ours(inputs, under_autograd=False, tensorflow=False):
     return True
 
 
+def _flattens(inputs):
+    """Whether `ThreadedEinsumDense`'s float call is one product of the
+    flattened operands: on PyTorch and TensorFlow (`threaded_matmul`) and
+    on JAX CPU (one 2-D dot, see the module docstring)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        return platform(inputs) == "cpu"
+    return backend in THREADED
+
+
 def _product(x, kernel, product=None):
     """`(product or threaded_matmul)(x, kernel)`: `ThreadedDense`'s
     counterpart of `ThreadedEinsumDense._matmul`."""
@@ -278,7 +301,8 @@ class _ThreadedDenseMethods:
 
 
 class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
-    """`keras.layers.EinsumDense` whose float call uses `threaded_matmul`.
+    """`keras.layers.EinsumDense` whose float call uses `threaded_matmul`
+    (on JAX CPU: one `ops.matmul` of the flattened operands).
 
     Applies to equations that contract the input's trailing axes with the
     kernel's leading axes (`"btd,dnh->btnh"`, `"btnh,nhd->btd"`); any
@@ -299,7 +323,7 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
         self._matmul_axes = _split_einsum(equation)
 
     def call(self, inputs, training=None):
-        if keras.config.backend() not in THREADED or self._matmul_axes is None:
+        if self._matmul_axes is None or not _flattens(inputs):
             return super().call(inputs, training=training)
         return self._finish(self._matmul(inputs, self.kernel))
 

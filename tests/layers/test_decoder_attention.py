@@ -130,3 +130,46 @@ def test_fused_bfloat16_attention_is_as_accurate_as_the_einsums(accelerator):
     einsums = error(layer._attend_in_float32(query, key, value, mask))
     # bfloat16 spacing at the outputs' size (|outputs| < 4) is 2**-6.
     assert fused <= max(einsums, 2**-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="inspects XLA:CPU's compiled HLO")
+def test_a_compiled_decode_step_reads_the_kernels_in_place():
+    """One query row against a cache, compiled: XLA copies no kernel.
+
+    With Keras' einsum for the output projection XLA:CPU copied its
+    kernel into the attention output's head order on every call."""
+    import re
+
+    import jax
+
+    hidden, heads, kv_heads, head_dim, keys = 48, 4, 2, 8, 10
+    layer = DecoderAttention(
+        num_query_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        attention_logit_softcap=50.0,
+    )
+    layer.build((1, 1, hidden))
+
+    def step(weights, x, mask, cache):
+        (out, cache), _ = layer.stateless_call(
+            weights, [], x, mask, np.array([[3]]), cache=cache,
+            cache_update_index=3,
+        )
+        return out, cache
+
+    weights = [v.value for v in layer.trainable_variables]
+    text = jax.jit(step).lower(
+        weights,
+        np.ones((1, 1, hidden), "float32"),
+        np.ones((1, 1, keys), bool),
+        np.zeros((1, 2, keys, kv_heads, head_dim), "float32"),
+    ).compile().as_text()
+    kernel_sizes = {int(np.prod(w.shape)) for w in weights if w.ndim == 3}
+    assert kernel_sizes == {hidden * heads * head_dim, hidden * kv_heads * head_dim}
+    copied = [
+        line.strip()
+        for line in text.splitlines()
+        if (found := re.search(r"= f32\[([\d,]*)\]\S* (copy|transpose)\(", line))
+        and np.prod([int(d) for d in found.group(1).split(",")]) in kernel_sizes
+    ]
+    assert not copied, copied
