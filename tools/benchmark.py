@@ -248,8 +248,10 @@ def main(argv=None):
     rows = [row for b in batches
             for row in run_batch(runners, backbone, b, args, measure, probe)]
     hardware = median_hardware(samples)
-    for row in rows:
-        row["decode_over_paired_floor"] = paired_floor_ratio(
+    for row in rows:  # The floors count float32 weights: not variants'.
+        row["decode_over_paired_floor"] = None if row["model"] in (
+            f"ours-{variant}" for variant in args.variants
+        ) else paired_floor_ratio(
             row["decode_samples"], lambda rate, batch=row["batch"]: floors(
                 backbone, batch, dict(hardware, bandwidth=rate), PROMPT_LENGTH
             )["decode"])
