@@ -241,7 +241,7 @@ def main(argv=None):
             bandwidth_mb, args.matmul_size or (256 if args.small else 2048)))
 
     def probe():
-        return max(read_rates(bandwidth_mb, repeats=2).values())
+        return read_rates(bandwidth_mb, repeats=2)["bandwidth"]
 
     measure()
     batches = [int(b) for b in args.batches.split(",")]
