@@ -103,6 +103,8 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
 
     def call(self, inputs, reverse=False):
         backend = keras.config.backend()
+        if backend == "jax" and reverse and self.tie_weights:
+            return self._soft_cap(self._table_einsum(inputs))
         if backend not in THREADED or not reverse:
             return super().call(inputs, reverse=reverse)
         if (
@@ -120,6 +122,22 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             inputs = ops.cast(inputs, self.reverse_dtype)
             kernel = ops.cast(kernel, self.reverse_dtype)
         return self._soft_cap(threaded_matmul(inputs, kernel))
+
+    def _table_einsum(self, inputs):
+        """`inputs @ table.T` as one contraction over the table's rows.
+
+        Keras writes it `matmul(inputs, transpose(table))`. Inside a JAX
+        decode step XLA:CPU then fuses the transpose, the final norm and
+        the product into one loop (a `kLoop` fusion, not a matrix
+        product), which read the 2.4 GB table at about 0.8x of the
+        machine's rate: 111 of a B0 step's 179 ms. Contracting the
+        table's last axis directly compiles to a plain dot.
+        """
+        table = self.embeddings
+        if self.reverse_dtype is not None:
+            inputs = ops.cast(inputs, self.reverse_dtype)
+            table = ops.cast(table, self.reverse_dtype)
+        return ops.einsum("...k,nk->...n", inputs, table)
 
     def _int8_call(self, inputs, reverse=False):
         # Keras' reverse product has no custom gradient: ours may replace
