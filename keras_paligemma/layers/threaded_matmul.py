@@ -174,10 +174,14 @@ def threaded_matmul(x, kernel):
         )
         out = out.transpose(0, 1).reshape(rows, columns)
     elif kernel.T.is_contiguous() and (blocks := _thread_blocks(columns)) > 1:
-        # Each block: `columns / blocks` consecutive rows of the table.
+        # Each block: `columns / blocks` consecutive rows of the table,
+        # the rows of `x` on the left (`table_block @ x.T` read the
+        # vocabulary table at 11-13 against 25 GB/s on this machine).
         table_blocks = kernel.T.reshape(blocks, columns // blocks, depth)
-        out = torch.bmm(table_blocks, flat.T.expand(blocks, depth, rows))
-        out = out.permute(2, 0, 1).reshape(rows, columns)
+        out = torch.bmm(
+            flat.expand(blocks, rows, depth), table_blocks.transpose(1, 2)
+        )
+        out = out.transpose(0, 1).reshape(rows, columns)
     else:
         return torch.matmul(x, kernel)
     return out.reshape(*x.shape[:-1], columns)

@@ -25,7 +25,8 @@ def numpy(x):
 def paths(monkeypatch):
     """The fast paths taken (torch only): "onednn", or "blocks" /
     "strided blocks" for a batched matmul whose larger operand (the weight
-    blocks) is / is not one contiguous array."""
+    blocks) does / does not hold each block as one contiguous array (or
+    the transpose of one)."""
     if keras.config.backend() != "torch":
         yield None
         return
@@ -35,8 +36,9 @@ def paths(monkeypatch):
     real_bmm = torch.bmm
 
     def recording_bmm(a, b):
-        weights = a if a.numel() >= b.numel() else b
-        calls.append("blocks" if weights.is_contiguous() else "strided blocks")
+        block = (a if a.numel() >= b.numel() else b)[0]
+        whole = block.is_contiguous() or block.T.is_contiguous()
+        calls.append("blocks" if whole else "strided blocks")
         return real_bmm(a, b)
 
     monkeypatch.setattr(torch, "bmm", recording_bmm)
