@@ -1,17 +1,22 @@
 """Matmuls that read the weights fast on CPU: PyTorch, TensorFlow and JAX.
 
-PyTorch's float32 CPU product (MKL) is slow for the shapes inference
-has: one row (a decode step, one token per sequence) runs on a single
-thread, and a few to a few hundred rows (batched decode, prefill) reach
-40-160 GFLOP/s on this project's 2-core machine, against about 200 for
-oneDNN and XLA. So, on PyTorch CPU:
+PyTorch's float32 CPU product (MKL) can be slow for the shapes
+inference has, depending on the machine: on one host this project ran
+on, one row (a decode step, one token per sequence) ran on a single
+thread, and a few to a few hundred rows (batched decode, prefill) reached
+40-160 GFLOP/s on 2 cores, against about 200 for oneDNN and XLA; on
+another, MKL was the faster of the two for several rows. So, on PyTorch
+CPU:
 
 - Outside autograd (generation, prediction), float32 products of two or
   more rows go through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
   the kernel PyTorch's own compiler emits for linear layers; it reads
-  the weights in place). It took 0.50-0.84x MKL's time for 2-268 rows of
-  this model's shapes, and 0.83-0.99x for 1024-2144 rows. It is checked
-  once against `torch.matmul` and skipped if missing or different.
+  the weights in place) or MKL's, whichever multiplied this model's
+  shapes faster when measured once in the process (`_onednn_beats_mkl`);
+  the transposed vocabulary table always takes oneDNN's. On the first
+  host oneDNN took 0.50-0.84x MKL's time for 2-268 rows, and 0.83-0.99x
+  for 1024-2144 rows. oneDNN's is checked once against `torch.matmul`
+  and skipped if missing or different.
 - Other products of at most `MAX_ROWS` rows (one row; autograd; other
   dtypes) are split into one block per thread and run as one batched
   matmul. In float32 each block is a contiguous slice of the weights: a
@@ -94,6 +99,43 @@ def _onednn_linear():
     return lambda x, kernel: linear(x, kernel.T, None, "none", [], "")
 
 
+def faster(first, second, repeats=5):
+    """Whether `first()` runs faster than `second()`: the best time of
+    each over `repeats` alternating calls, after one call of each.
+
+    >>> import time
+    >>> faster(lambda: time.sleep(0.001), lambda: time.sleep(0.01), 2)
+    True
+    """
+    import time
+
+    best = [math.inf, math.inf]
+    for index in [0, 1] * (repeats + 1):
+        start = time.perf_counter()
+        (first, second)[index]()
+        best[index] = min(best[index], time.perf_counter() - start)
+    return best[0] < best[1]
+
+
+@functools.cache
+def _onednn_beats_mkl():
+    """Whether oneDNN's linear multiplies several rows by a `(K, N)`
+    kernel faster than `torch.matmul` (MKL) on this machine; measured
+    once per process on a product of this model's size (about 0.1 s).
+
+    Which one wins depends on the machine: oneDNN took 0.50-0.84x MKL's
+    time for 2-268 rows on one host this project ran on, and MKL 0.53-0.9x
+    oneDNN's on another (a prefill of the 4-layer benchmark config took
+    1351-1417 against 1706-1760 ms there). Either result equals
+    `x @ kernel` to float32 rounding.
+    """
+    import torch
+
+    x, kernel = torch.randn(64, 2304), torch.randn(2304, 4096)
+    with torch.no_grad():
+        return faster(lambda: _onednn_linear()(x, kernel), lambda: x @ kernel)
+
+
 def _onednn_applies(x, kernel, rows):
     """Two or more rows of float32 CPU tensors, outside autograd."""
     import torch
@@ -154,6 +196,11 @@ def threaded_matmul(x, kernel):
     if x.device.type != "cpu":
         return torch.matmul(x, kernel)
     if _onednn_applies(x, kernel, rows):
+        # A contiguous `(K, N)` kernel takes the faster product here; the
+        # transposed vocabulary table took oneDNN's (at 8-32 rows 145-254
+        # against 281-322 ms for MKL's, on the host where MKL won above).
+        if kernel.is_contiguous() and not _onednn_beats_mkl():
+            return torch.matmul(x, kernel)
         out = _onednn_linear()(x.reshape(rows, depth), kernel)
         return out.reshape(*x.shape[:-1], columns)
     if rows > MAX_ROWS:

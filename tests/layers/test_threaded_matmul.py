@@ -42,6 +42,9 @@ def paths(monkeypatch):
         return real_bmm(a, b)
 
     monkeypatch.setattr(torch, "bmm", recording_bmm)
+    # Which of oneDNN and MKL multiplies kernels faster depends on the
+    # machine: these tests take oneDNN (see the MKL test below).
+    monkeypatch.setattr(tm, "_onednn_beats_mkl", lambda: True)
     linear = tm._onednn_linear()
     if linear is not None:
         recording_linear = lambda x, k: calls.append("onednn") or linear(x, k)
@@ -91,6 +94,41 @@ def test_threaded_matmul_equals_matmul(rows, transposed, autograd, paths):
         np.testing.assert_allclose(numpy(weights.grad), weights_grad, atol=1e-4)
     else:
         assert paths == (blocks if rows == 1 else onednn_or(blocks))
+
+
+def test_where_mkl_is_faster_kernels_take_it_and_the_table_onednn(
+    paths, monkeypatch
+):
+    if paths is None:
+        pytest.skip("oneDNN and MKL are PyTorch CPU paths")
+    if tm._onednn_linear() is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    import torch
+
+    monkeypatch.setattr(tm, "_onednn_beats_mkl", lambda: False)
+    x = RNG.normal(size=(8, 1, 12)).astype("float32")
+    kernel = torch.from_numpy(RNG.normal(size=(12, 40)).astype("float32"))
+    table = kernel.T.contiguous()
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            numpy(threaded_matmul(x, kernel)), x @ numpy(kernel), atol=1e-5
+        )
+        assert paths == []  # torch.matmul
+        np.testing.assert_allclose(
+            numpy(threaded_matmul(x, table.T)), x @ numpy(kernel), atol=1e-5
+        )
+        assert paths == ["onednn"]
+
+
+def test_onednn_or_mkl_is_measured_once():
+    if keras.config.backend() != "torch" or tm._onednn_linear() is None:
+        pytest.skip("oneDNN's linear is a PyTorch CPU path")
+    assert tm._onednn_beats_mkl() in (True, False)
+    assert tm._onednn_beats_mkl.cache_info().currsize == 1
+    import time
+
+    slow, fast = (lambda: time.sleep(0.02)), (lambda: time.sleep(0.001))
+    assert tm.faster(fast, slow, 2) and not tm.faster(slow, fast, 2)
 
 
 def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
