@@ -14,6 +14,7 @@ MODULES = [
     "keras_paligemma.layers.rotary",
     "keras_paligemma.layers.window_cache",
     "keras_paligemma.layers.threaded_matmul",
+    "keras_paligemma.layers.onednn",
     "keras_paligemma.layers.reversible_embedding",
     "keras_paligemma.layers.int8_matmul_jax",
     "keras_paligemma.layers.int8_matmul_tf",

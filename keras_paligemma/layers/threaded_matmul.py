@@ -12,7 +12,7 @@ CPU:
   more rows go through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
   the kernel PyTorch's own compiler emits for linear layers; it reads
   the weights in place) or MKL's, whichever multiplied this model's
-  shapes faster when measured once in the process (`_onednn_beats_mkl`);
+  shapes faster when measured once in the process (`onednn.beats_mkl`);
   the transposed vocabulary table always takes oneDNN's. On the first
   host oneDNN took 0.50-0.84x MKL's time for 2-268 rows, and 0.83-0.99x
   for 1024-2144 rows. oneDNN's is checked once against `torch.matmul`
@@ -64,12 +64,12 @@ XLA:CPU makes an int32 copy of every kernel for a one-row product. Other
 quantized calls are Keras' own.
 """
 
-import functools
 import math
 
 import keras
 from keras import ops
 
+from keras_paligemma.layers import onednn
 from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.int8_matmul_jax import int8_matmul
 from keras_paligemma.layers.int8_matmul_jax import with_input_gradient_of
@@ -79,79 +79,6 @@ THREADED = ("torch", "tensorflow")
 
 MAX_ROWS = 64
 """Above this many rows MKL's own threading is close (measured ~0.85x)."""
-
-
-@functools.cache
-def _onednn_linear():
-    """oneDNN's `linear(x, weight)` for float32 CPU tensors, or None where
-    this PyTorch build lacks it or it disagrees with `torch.matmul`."""
-    import torch
-
-    try:
-        linear = torch.ops.mkldnn._linear_pointwise
-        x = torch.linspace(-1, 1, 6).reshape(2, 3)
-        kernel = torch.linspace(-2, 1, 12).reshape(3, 4)
-        out = linear(x, kernel.T, None, "none", [], "")
-    except Exception:  # a build without it, or another signature
-        return None
-    if out.shape != (2, 4) or not torch.allclose(out, x @ kernel, atol=1e-5):
-        return None
-    return lambda x, kernel: linear(x, kernel.T, None, "none", [], "")
-
-
-def faster(first, second, repeats=5):
-    """Whether `first()` runs faster than `second()`: the best time of
-    each over `repeats + 1` alternating calls.
-
-    >>> import time
-    >>> faster(lambda: time.sleep(0.001), lambda: time.sleep(0.01), 2)
-    True
-    """
-    import time
-
-    best = [math.inf, math.inf]
-    for index in [0, 1] * (repeats + 1):
-        start = time.perf_counter()
-        (first, second)[index]()
-        best[index] = min(best[index], time.perf_counter() - start)
-    return best[0] < best[1]
-
-
-@functools.cache
-def _onednn_beats_mkl():
-    """Whether oneDNN's linear multiplies several rows by a `(K, N)`
-    kernel faster than `torch.matmul` (MKL) on this machine; measured
-    once per process, on 64 rows against a 2304 x 4096 kernel (PaliGemma
-    2 3B's width), in about 0.15-0.3 s. The one answer serves every row
-    count and kernel.
-
-    Which one wins depends on the machine: oneDNN took 0.50-0.84x MKL's
-    time for 2-268 rows on one host this project ran on, and MKL 0.53-0.9x
-    oneDNN's on another (a prefill of the 4-layer benchmark config took
-    1351-1417 against 1706-1760 ms there). Either result equals
-    `x @ kernel` to float32 rounding.
-    """
-    import torch
-
-    # Constant operands: the user's random stream is left alone.
-    x = torch.full((64, 2304), 0.5, device="cpu")
-    kernel = torch.full((2304, 4096), 0.25, device="cpu")
-    with torch.no_grad():
-        return faster(lambda: _onednn_linear()(x, kernel), lambda: x @ kernel)
-
-
-def _onednn_applies(x, kernel, rows):
-    """Two or more rows of float32 CPU tensors, outside autograd."""
-    import torch
-
-    return (
-        rows > 1
-        and x.dtype == kernel.dtype == torch.float32
-        and not (
-            torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-        )
-        and _onednn_linear() is not None
-    )
 
 
 def _thread_blocks(size):
@@ -170,7 +97,7 @@ def threaded_matmul(x, kernel):
 
     On PyTorch CPU: for two or more float32 rows outside autograd,
     oneDNN's linear, or MKL's (`torch.matmul`) for a `(K, N)` kernel where
-    it measured faster (`_onednn_beats_mkl`); else, for at most
+    it measured faster (`onednn.beats_mkl`); else, for at most
     `MAX_ROWS` rows, one batched matmul over
     contiguous blocks of `kernel` (its rows, or the rows of the table it
     transposes). On TensorFlow: one 2-D product of `x`'s rows. Elsewhere
@@ -201,13 +128,13 @@ def threaded_matmul(x, kernel):
     rows = math.prod(x.shape[:-1])
     if x.device.type != "cpu":
         return torch.matmul(x, kernel)
-    if _onednn_applies(x, kernel, rows):
+    if onednn.applies(x, kernel, rows):
         # A contiguous `(K, N)` kernel takes the faster product here; the
         # transposed vocabulary table took oneDNN's (at 8-32 rows 145-254
         # against 281-322 ms for MKL's, on the host where MKL won above).
-        if kernel.is_contiguous() and not _onednn_beats_mkl():
+        if kernel.is_contiguous() and not onednn.beats_mkl():
             return torch.matmul(x, kernel)
-        out = _onednn_linear()(x.reshape(rows, depth), kernel)
+        out = onednn.linear()(x.reshape(rows, depth), kernel)
         return out.reshape(*x.shape[:-1], columns)
     if rows > MAX_ROWS:
         return torch.matmul(x, kernel)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_paligemma.layers import onednn
 from keras_paligemma.layers import threaded_matmul as tm
 from keras_paligemma.layers.reversible_embedding import ReversibleEmbedding
 from keras_paligemma.layers.reversible_embedding import int8_matmul_by_blocks
@@ -44,11 +45,11 @@ def paths(monkeypatch):
     monkeypatch.setattr(torch, "bmm", recording_bmm)
     # Which of oneDNN and MKL multiplies kernels faster depends on the
     # machine: these tests take oneDNN (see the MKL test below).
-    monkeypatch.setattr(tm, "_onednn_beats_mkl", lambda: True)
-    linear = tm._onednn_linear()
+    monkeypatch.setattr(onednn, "beats_mkl", lambda: True)
+    linear = onednn.linear()
     if linear is not None:
         recording_linear = lambda x, k: calls.append("onednn") or linear(x, k)
-        monkeypatch.setattr(tm, "_onednn_linear", lambda: recording_linear)
+        monkeypatch.setattr(onednn, "linear", lambda: recording_linear)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield calls
@@ -57,7 +58,7 @@ def paths(monkeypatch):
 
 def onednn_or(fallback):
     """What a float32 product of 2+ rows outside autograd takes."""
-    return ["onednn"] if tm._onednn_linear() is not None else fallback
+    return ["onednn"] if onednn.linear() is not None else fallback
 
 
 @pytest.mark.parametrize("rows", [1, 8, tm.MAX_ROWS + 1])
@@ -101,11 +102,11 @@ def test_where_mkl_is_faster_kernels_take_it_and_the_table_onednn(
 ):
     if paths is None:
         pytest.skip("oneDNN and MKL are PyTorch CPU paths")
-    if tm._onednn_linear() is None:
+    if onednn.linear() is None:
         pytest.skip("this PyTorch build has no oneDNN linear")
     import torch
 
-    monkeypatch.setattr(tm, "_onednn_beats_mkl", lambda: False)
+    monkeypatch.setattr(onednn, "beats_mkl", lambda: False)
     x = RNG.normal(size=(8, 1, 12)).astype("float32")
     kernel = torch.from_numpy(RNG.normal(size=(12, 40)).astype("float32"))
     table = kernel.T.contiguous()
@@ -121,7 +122,7 @@ def test_where_mkl_is_faster_kernels_take_it_and_the_table_onednn(
 
 
 def test_onednn_or_mkl_is_measured_once(monkeypatch):
-    if keras.config.backend() != "torch" or tm._onednn_linear() is None:
+    if keras.config.backend() != "torch" or onednn.linear() is None:
         pytest.skip("oneDNN's linear is a PyTorch CPU path")
     import time
 
@@ -129,9 +130,9 @@ def test_onednn_or_mkl_is_measured_once(monkeypatch):
 
     measured = []
     monkeypatch.setattr(
-        tm, "faster", lambda *args: measured.append(args) or False
+        onednn, "faster", lambda *args: measured.append(args) or False
     )
-    tm._onednn_beats_mkl.cache_clear()
+    onednn.beats_mkl.cache_clear()
     try:
         state = torch.random.get_rng_state()
         x = RNG.normal(size=(8, 12)).astype("float32")
@@ -143,12 +144,12 @@ def test_onednn_or_mkl_is_measured_once(monkeypatch):
         assert len(measured) == 1  # then cached
         assert torch.equal(torch.random.get_rng_state(), state)
     finally:
-        tm._onednn_beats_mkl.cache_clear()
+        onednn.beats_mkl.cache_clear()
     monkeypatch.undo()
-    assert tm._onednn_beats_mkl() in (True, False)
+    assert onednn.beats_mkl() in (True, False)
 
     slow, fast = (lambda: time.sleep(0.02)), (lambda: time.sleep(0.001))
-    assert tm.faster(fast, slow, 2) and not tm.faster(slow, fast, 2)
+    assert onednn.faster(fast, slow, 2) and not onednn.faster(slow, fast, 2)
 
 
 def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
@@ -156,11 +157,11 @@ def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
         pytest.skip("oneDNN's linear is a PyTorch CPU path")
     import torch
 
-    available = tm._onednn_linear() is not None
-    tm._onednn_linear.cache_clear()
+    available = onednn.linear() is not None
+    onednn.linear.cache_clear()
     monkeypatch.setattr(torch.ops, "mkldnn", object())  # a build without it
     try:
-        assert tm._onednn_linear() is None
+        assert onednn.linear() is None
         x = RNG.normal(size=(8, 12)).astype("float32")
         kernel = RNG.normal(size=(12, 40)).astype("float32")
         with torch.no_grad():
@@ -168,8 +169,8 @@ def test_without_onednn_products_fall_back_to_blocks(monkeypatch):
         np.testing.assert_allclose(numpy(out), x @ kernel, atol=1e-5)
     finally:
         monkeypatch.undo()
-        tm._onednn_linear.cache_clear()
-    assert (tm._onednn_linear() is not None) == available
+        onednn.linear.cache_clear()
+    assert (onednn.linear() is not None) == available
 
 
 def test_layouts_and_half_precision(paths):
