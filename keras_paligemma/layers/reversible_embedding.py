@@ -12,7 +12,7 @@ of the table at a time: `int8_matmul_by_blocks` (PyTorch),
 
 Its float projection uses `threaded_matmul` on PyTorch, and on JAX one
 einsum over the table's rows (Keras' `matmul(x, transpose(table))` was
-loop-fused by XLA:CPU, see `_table_einsum`). On TensorFlow CPU, where
+loop-fused by XLA:CPU, see `call`). On TensorFlow CPU, where
 Keras runs `generate` as a graph without XLA, the tied table's float
 product is compiled by XLA alone (`xla_table_matmul`): a decode step of
 the 4-layer benchmark config took 110 against 122 ms with TensorFlow's
@@ -106,9 +106,8 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
 
     def call(self, inputs, reverse=False):
         backend = keras.config.backend()
-        if backend == "jax" and reverse and self.tie_weights:
-            return self._soft_cap(self._table_einsum(inputs))
-        if backend not in THREADED or not reverse:
+        jax_table = backend == "jax" and self.tie_weights
+        if not reverse or (backend not in THREADED and not jax_table):
             return super().call(inputs, reverse=reverse)
         if (
             backend == "tensorflow"
@@ -118,29 +117,25 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
         ):
             return self._soft_cap(xla_table_matmul(inputs, self.embeddings))
         if self.tie_weights:
-            kernel = ops.transpose(self.embeddings)
+            weights = self.embeddings
         else:
-            kernel = self.reverse_embeddings
+            weights = self.reverse_embeddings
         if self.reverse_dtype is not None:
             inputs = ops.cast(inputs, self.reverse_dtype)
-            kernel = ops.cast(kernel, self.reverse_dtype)
-        return self._soft_cap(threaded_matmul(inputs, kernel))
-
-    def _table_einsum(self, inputs):
-        """`inputs @ table.T` as one contraction over the table's rows.
-
-        Keras writes it `matmul(inputs, transpose(table))`. Inside a JAX
-        decode step XLA:CPU then fuses the transpose, the final norm and
-        the product into one loop (a `kLoop` fusion, not a matrix
-        product), which read the 2.4 GB table at about 0.8x of the
-        machine's rate: 111 of a B0 step's 179 ms. Contracting the
-        table's last axis directly compiles to a plain dot.
-        """
-        table = self.embeddings
-        if self.reverse_dtype is not None:
-            inputs = ops.cast(inputs, self.reverse_dtype)
-            table = ops.cast(table, self.reverse_dtype)
-        return ops.einsum("...k,nk->...n", inputs, table)
+            weights = ops.cast(weights, self.reverse_dtype)
+        if jax_table:
+            # Keras writes `matmul(inputs, transpose(table))`. Inside a JAX
+            # decode step XLA:CPU fused the transpose, the final norm and
+            # the product into one loop (a `kLoop` fusion, not a matrix
+            # product), which read the 2.4 GB table at about 0.8x of the
+            # machine's rate: 111 of a B0 step's 179 ms. Contracting the
+            # table's last axis directly compiles to a plain dot.
+            logits = ops.einsum("...k,nk->...n", inputs, weights)
+        elif self.tie_weights:
+            logits = threaded_matmul(inputs, ops.transpose(weights))
+        else:
+            logits = threaded_matmul(inputs, weights)
+        return self._soft_cap(logits)
 
     def _int8_call(self, inputs, reverse=False):
         # Keras' reverse product has no custom gradient: ours may replace
