@@ -25,6 +25,7 @@ from keras_paligemma.checkpoints.keras_hub import our_variable  # noqa: E402
 from keras_paligemma.checkpoints.transformers_export import (  # noqa: E402
     export_transformers,
 )
+from keras_paligemma.layers.kernel_layout import to_input_first  # noqa: E402
 
 
 def random_backbone(config, seed):
@@ -74,7 +75,7 @@ def keras_hub_causal_lm(backbone):
     def value_for(name, shape):
         stand_in = np.broadcast_to(np.int32(0), shape)
         path, mapped = our_variable(name, stand_in, config)
-        value = keras.ops.convert_to_numpy(ours[path])
+        value = to_input_first(path, keras.ops.convert_to_numpy(ours[path]))
         if mapped is stand_in:  # Stored as is.
             return value
         positions = np.arange(int(np.prod(shape))).reshape(shape)

@@ -2,6 +2,8 @@
 
 from keras_paligemma.checkpoints.in_place import assign_in_place
 from keras_paligemma.checkpoints.in_place import release_freed_memory
+from keras_paligemma.layers.kernel_layout import from_input_first
+from keras_paligemma.layers.kernel_layout import permutation
 
 
 def assign_weights(backbone, assignments):
@@ -15,7 +17,9 @@ def assign_weights(backbone, assignments):
 
     Args:
         backbone: the `PaliGemmaBackbone` to fill.
-        assignments: iterable of `(our variable path, array, source name)`.
+        assignments: iterable of `(our variable path, array, source name)`,
+            kernels in the input-first layout of Keras and the other
+            formats (`kernel_layout.py` stores the decoder's output-first).
 
     Raises:
         ValueError: an array maps to a variable the backbone lacks, its
@@ -32,11 +36,13 @@ def assign_weights(backbone, assignments):
                 "backbone does not have: the config does not describe this "
                 "checkpoint."
             )
+        array = from_input_first(path, array)
         if tuple(variable.shape) != tuple(array.shape):
             raise ValueError(
                 f"Shape mismatch for `{path}` (from `{source}`): the model "
                 f"expects {tuple(variable.shape)}, the checkpoint has "
-                f"{tuple(array.shape)}."
+                f"{tuple(array.shape)}"
+                + (" (both output-first)." if permutation(path) else ".")
             )
         assign_in_place(variable, array)
         del array  # Do not hold it while the next one is read.

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from keras_paligemma.layers.kernel_layout import to_input_first
 from keras_paligemma.models.preset_dir import check_preset_dir
 
 
@@ -92,8 +93,8 @@ def transformers_tensors(backbone):
     """Yield `(transformers name, numpy array)` for every backbone weight."""
     import keras
 
-    weights = {
-        v.path: keras.ops.convert_to_numpy(v).astype("float32")
+    weights = {  # Kernels input-first, as Keras lays them out.
+        v.path: to_input_first(v.path, keras.ops.convert_to_numpy(v).astype("float32"))
         for v in backbone.weights
     }
     vision = "vision_tower.vision_model."

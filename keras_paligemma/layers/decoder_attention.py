@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.rotary import apply_rotary_embedding
-from keras_paligemma.layers.threaded_matmul import ThreadedEinsumDense
+from keras_paligemma.layers.threaded_dense import ThreadedEinsumDense
 from keras_paligemma.layers.window_cache import write_into_ring
 
 
@@ -93,25 +93,25 @@ class DecoderAttention(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         common = dict(dtype=self.dtype_policy)
         self.query_dense = ThreadedEinsumDense(
-            "btd,dnh->btnh",
+            "btd,nhd->btnh",
             output_shape=(None, self.num_query_heads, self.head_dim),
             name="query",
             **common,
         )
         self.key_dense = ThreadedEinsumDense(
-            "btd,dnh->btnh",
+            "btd,nhd->btnh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             name="key",
             **common,
         )
         self.value_dense = ThreadedEinsumDense(
-            "btd,dnh->btnh",
+            "btd,nhd->btnh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             name="value",
             **common,
         )
         self.output_dense = ThreadedEinsumDense(
-            "btnh,nhd->btd",
+            "btnh,dnh->btd",
             output_shape=(None, hidden_dim),
             name="attention_output",
             **common,

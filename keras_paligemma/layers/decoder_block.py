@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_paligemma.layers.decoder_attention import DecoderAttention
 from keras_paligemma.layers.rms_norm import RMSNormalization
-from keras_paligemma.layers.threaded_matmul import ThreadedEinsumDense
+from keras_paligemma.layers.threaded_dense import ThreadedEinsumDense
 
 
 class DecoderBlock(keras.layers.Layer):
@@ -77,9 +77,9 @@ class DecoderBlock(keras.layers.Layer):
             name="attention",
         )
         self.pre_ffw_norm = norm("pre_ffw_norm")
-        self.gate_dense = dense("btd,df->btf", (None, intermediate_dim), "gate")
-        self.up_dense = dense("btd,df->btf", (None, intermediate_dim), "up")
-        self.down_dense = dense("btf,fd->btd", (None, hidden_dim), "down")
+        self.gate_dense = dense("btd,fd->btf", (None, intermediate_dim), "gate")
+        self.up_dense = dense("btd,fd->btf", (None, intermediate_dim), "up")
+        self.down_dense = dense("btf,df->btd", (None, hidden_dim), "down")
         if use_post_norms:
             self.post_attention_norm = norm("post_attention_norm")
             self.post_ffw_norm = norm("post_ffw_norm")

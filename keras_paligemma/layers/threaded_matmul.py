@@ -37,31 +37,10 @@ XLA as well (`reversible_embedding.xla_table_matmul`), a decode step of
 the 4-layer benchmark config took 110 against 134 ms with Keras' layers
 (122 with only the flattening; one process, interleaved, same tokens).
 
-On JAX CPU, `ThreadedEinsumDense` computes its float einsum as one
-product of the operands flattened to 2-D as well (`threaded_matmul` is
-`ops.matmul` there). Given the attention output projection's einsum
-(`"btnh,nhd->btd"`) after the attention, XLA:CPU chose to copy the
-kernel into the head order of the attention output on every call, a
-decode step included (19 MB per layer for PaliGemma 2 3B); with the
-heads flattened the kernel is read in place. Against Keras' einsum, in
-one process with the same weights, interleaved, same tokens, batch 1:
-decode of the 4-layer benchmark config took 115-125 against 127-132
-ms/token in five pairs; with 12 decoder layers 221-230 against 225-247
-ms/token and time to first token 2683-2708 against 2785-3064 ms in four
-pairs. At batch 8 (compute-bound) the difference was within noise.
-
 Results equal `x @ kernel` to float rounding. Other backends and devices,
 and other products, take the ordinary path.
 
-`ThreadedEinsumDense` and `ThreadedDense` are drop-in subclasses of the
-Keras layers that take this path in their float call (the tied embedding
-is `reversible_embedding.ReversibleEmbedding`). int8-quantized, they
-replace Keras' int8 x int8 product with an exact one that never copies a
-whole kernel: on PyTorch CPU (outside autograd) as float32 products,
-since Keras' int32 product is slow there; on JAX CPU with
-`int8_matmul_jax.int8_matmul` (differentiated as Keras' call), since
-XLA:CPU makes an int32 copy of every kernel for a one-row product. Other
-quantized calls are Keras' own.
+The dense layers that use these products are in `threaded_dense.py`.
 """
 
 import math
@@ -71,8 +50,6 @@ from keras import ops
 
 from keras_paligemma.layers import onednn
 from keras_paligemma.layers.device import platform
-from keras_paligemma.layers.int8_matmul_jax import int8_matmul
-from keras_paligemma.layers.int8_matmul_jax import with_input_gradient_of
 
 THREADED = ("torch", "tensorflow")
 """Backends whose float layer calls go through `threaded_matmul`."""
@@ -92,8 +69,10 @@ def _thread_blocks(size):
     return 1
 
 
-def threaded_matmul(x, kernel):
-    """`x @ kernel` for `x (..., K)` and `kernel (K, N)`.
+def threaded_matmul(x, kernel, transposed=False):
+    """`x @ kernel` for `x (..., K)` and `kernel (K, N)`, or `x @ kernel.T`
+    for a `(N, K)` kernel when `transposed` (the decoder's kernels,
+    `kernel_layout.py`).
 
     On PyTorch CPU: for two or more float32 rows outside autograd,
     oneDNN's linear, or MKL's (`torch.matmul`) for a `(K, N)` kernel where
@@ -115,13 +94,15 @@ def threaded_matmul(x, kernel):
     """
     backend = keras.config.backend()
     if backend == "tensorflow":
-        return on_rows(ops.matmul, x, kernel)
+        return on_rows(_tensorflow_product(transposed), x, kernel)
     if backend != "torch":
-        return ops.matmul(x, kernel)
+        return dense_product(x, kernel, transposed)
     import torch
 
     x = ops.convert_to_tensor(x)
     kernel = ops.convert_to_tensor(kernel)
+    if transposed:
+        kernel = kernel.T  # A view: the blocks below read it in place.
     dtype = torch.promote_types(x.dtype, kernel.dtype)  # as `ops.matmul`
     x, kernel = x.to(dtype), kernel.to(dtype)
     depth, columns = kernel.shape
@@ -167,43 +148,37 @@ def threaded_matmul(x, kernel):
     return out.reshape(*x.shape[:-1], columns)
 
 
+def dense_product(x, kernel, transposed=False):
+    """`ops.matmul(x, kernel)`, or `x @ kernel.T` when `transposed`: an
+    einsum over both last axes (on JAX one `dot_general` that reads the
+    kernel in place; `matmul(x, transpose(kernel))` was fused by XLA:CPU
+    into an element loop when it followed a normalization)."""
+    if transposed:
+        return ops.einsum("...k,nk->...n", x, kernel)
+    return ops.matmul(x, kernel)
+
+
+def _tensorflow_product(transposed):
+    """TensorFlow's 2-D `matmul`, with `transpose_b` for a `(N, K)` kernel."""
+    if not transposed:
+        return ops.matmul
+    import tensorflow as tf
+
+    def product(rows, kernel):
+        rows, kernel = ops.convert_to_tensor(rows), ops.convert_to_tensor(kernel)
+        dtype = keras.backend.result_type(rows.dtype, kernel.dtype)
+        rows, kernel = ops.cast(rows, dtype), ops.cast(kernel, dtype)
+        return tf.linalg.matmul(rows, kernel, transpose_b=True)
+
+    return product
+
+
 def on_rows(product, x, kernel):
     """`product(rows, kernel)` with `x (..., K)` flattened to a matrix of
     its rows, the result shaped back to `(..., N)`."""
     shape = ops.shape(x)
     out = product(ops.reshape(x, (-1, shape[-1])), kernel)
     return ops.reshape(out, (*shape[:-1], ops.shape(out)[-1]))
-
-
-def _reshape(x, shape):
-    """`ops.reshape(x, shape)`; on PyTorch, the tensor's own reshape.
-
-    PyTorch runs `generate` eagerly, so each Keras op's dispatch is paid
-    on every decode step: `ops.reshape` took 27 against 1 us for the
-    tensor's own, and a dense layer reshapes three times.
-    """
-    if keras.config.backend() == "torch":
-        return ops.convert_to_tensor(x).reshape(shape)
-    return ops.reshape(x, shape)
-
-
-def _split_einsum(equation):
-    """`(batch_letters, contracted_letters, output_letters)` of an einsum
-    `"<batch><contracted>,<contracted><out>-><batch><out>"`, else None."""
-    inputs, output = equation.replace(" ", "").split("->")
-    left, kernel = inputs.split(",")
-    contracted = "".join(c for c in kernel if c not in output)
-    kept = kernel[len(contracted) :]
-    batch = left[: len(left) - len(contracted)]
-    if (
-        not contracted
-        or "." in equation
-        or left != batch + contracted
-        or kernel != contracted + kept
-        or output != batch + kept
-    ):
-        return None
-    return batch, contracted, kept
 
 
 def int8_product_is_ours(inputs, under_autograd=False, tensorflow=False):
@@ -219,167 +194,3 @@ def int8_product_is_ours(inputs, under_autograd=False, tensorflow=False):
 
         return not torch.is_grad_enabled()
     return True
-
-
-def _flattens(inputs):
-    """Whether `ThreadedEinsumDense`'s float call is one product of the
-    flattened operands: on PyTorch and TensorFlow (`threaded_matmul`) and
-    on JAX CPU (one 2-D dot, see the module docstring)."""
-    backend = keras.config.backend()
-    if backend == "jax":
-        return platform(inputs) == "cpu"
-    return backend in THREADED
-
-
-def _product(x, kernel, product=None):
-    """`(product or threaded_matmul)(x, kernel)`: `ThreadedDense`'s
-    counterpart of `ThreadedEinsumDense._matmul`."""
-    return (product or threaded_matmul)(x, kernel)
-
-
-class _ThreadedDenseMethods:
-    """What the two dense layers share: bias and activation, our exact int8
-    product, and Keras' quantization."""
-
-    def _finish(self, x):
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
-    def _int8_product(self, matmul, inputs, quantize):
-        """`matmul` of the quantized inputs (`quantize(inputs)` gives them
-        and their scale) and the int8 kernel, exact, de-scaled as Keras
-        does, then bias and activation. On PyTorch the operands are
-        multiplied as float32 (the products are exact); on JAX by
-        `int8_matmul`, differentiated like Keras' call (the input gradient
-        goes through the de-quantized kernel)."""
-        jax = keras.config.backend() == "jax"
-
-        def exact(inputs, kernel, kernel_scale):
-            quantized, inputs_scale = quantize(inputs)
-            if jax:
-                x = matmul(quantized, kernel, product=int8_matmul)
-            else:
-                x = matmul(
-                    ops.cast(quantized, "float32"), ops.cast(kernel, "float32")
-                )
-            return ops.divide(
-                ops.cast(x, self.compute_dtype),
-                ops.multiply(inputs_scale, kernel_scale),
-            )
-
-        def dequantized(inputs, kernel, kernel_scale):
-            kernel = self._dequantize(kernel, kernel_scale)
-            return matmul(inputs, kernel, product=ops.matmul)
-
-        if jax:
-            exact = with_input_gradient_of(exact, dequantized)
-        kernel, scale = (
-            ops.convert_to_tensor(w) for w in (self._kernel, self.kernel_scale)
-        )
-        return self._finish(exact(inputs, kernel, scale))
-
-    def _int8_is_ours(self, inputs):
-        """Whether our exact int8 product replaces Keras': no LoRA, Keras'
-        input quantizer present (older Keras versions take Keras' path),
-        on CPU (where it was measured), and on PyTorch outside autograd
-        (generation)."""
-        if getattr(self, "inputs_quantizer", None) is None or self.lora_enabled:
-            return False
-        return int8_product_is_ours(inputs)
-
-    def quantize(self, mode=None, type_check=True, **kwargs):
-        # Keras refuses subclasses by default; the weights and quantizers
-        # are Keras' own, so its quantization applies unchanged.
-        super().quantize(mode, type_check=False, **kwargs)
-
-
-class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
-    """`keras.layers.EinsumDense` whose float call uses `threaded_matmul`
-    (on JAX CPU: one `ops.matmul` of the flattened operands).
-
-    Applies to equations that contract the input's trailing axes with the
-    kernel's leading axes (`"btd,dnh->btnh"`, `"btnh,nhd->btd"`); any
-    other equation is Keras' own. When int8-quantized, on PyTorch CPU
-    outside autograd and on JAX CPU, the int8 inputs and kernel are
-    multiplied exactly without a whole-kernel copy (see the module
-    docstring); every other quantized call is Keras' own.
-
-    Example:
-
-    >>> layer = ThreadedEinsumDense("btd,df->btf", (None, 6))
-    >>> tuple(layer(keras.ops.ones((2, 1, 8))).shape)
-    (2, 1, 6)
-    """
-
-    def __init__(self, equation, output_shape, **kwargs):
-        super().__init__(equation, output_shape, **kwargs)
-        self._matmul_axes = _split_einsum(equation)
-
-    def call(self, inputs, training=None):
-        if self._matmul_axes is None or not _flattens(inputs):
-            return super().call(inputs, training=training)
-        return self._finish(self._matmul(inputs, self.kernel))
-
-    def _int8_call(self, inputs, training=None):
-        if not (
-            self._int8_is_ours(inputs)
-            and self._matmul_axes is not None
-            and hasattr(self, "_adjust_scale_for_quant")
-            and hasattr(self, "_adjust_scale_for_dequant")
-        ):
-            return super()._int8_call(inputs, training=training)
-
-        def quantize(inputs):
-            quantized, scale = self.inputs_quantizer(
-                inputs, axis=self.quantization_axis
-            )
-            return quantized, self._adjust_scale_for_quant(scale, "input")
-
-        return self._int8_product(self._matmul, inputs, quantize)
-
-    def _dequantize(self, kernel, kernel_scale):
-        scale = self._adjust_scale_for_dequant(kernel_scale)
-        return ops.divide(ops.cast(kernel, self.compute_dtype), scale)
-
-    def _matmul(self, inputs, kernel, product=None):
-        """`einsum(equation, inputs, kernel)` as one `product` (by default
-        `threaded_matmul`) of the flattened operands."""
-        product = product or threaded_matmul
-        batch, contracted, _ = self._matmul_axes
-        kept_shape = tuple(kernel.shape[len(contracted) :])
-        leading = tuple(ops.shape(inputs)[: len(batch)])
-        x = _reshape(inputs, (*leading, -1))
-        kernel = _reshape(kernel, (-1, math.prod(kept_shape)))
-        return _reshape(product(x, kernel), (*leading, *kept_shape))
-
-
-class ThreadedDense(_ThreadedDenseMethods, keras.layers.Dense):
-    """`keras.layers.Dense` whose float call uses `threaded_matmul` and
-    whose int8 product is ours where `ThreadedEinsumDense`'s is.
-
-    Example:
-
-    >>> layer = ThreadedDense(6)
-    >>> tuple(layer(keras.ops.ones((2, 1, 8))).shape)
-    (2, 1, 6)
-    """
-
-    def call(self, inputs, training=None):
-        if keras.config.backend() not in THREADED:
-            return super().call(inputs, training=training)
-        return self._finish(threaded_matmul(inputs, self.kernel))
-
-    def _int8_call(self, inputs, training=None):
-        if not self._int8_is_ours(inputs):
-            return super()._int8_call(inputs, training=training)
-
-        def quantize(inputs):
-            return self.inputs_quantizer(inputs, axis=-1)
-
-        return self._int8_product(_product, inputs, quantize)
-
-    def _dequantize(self, kernel, kernel_scale):
-        return ops.divide(ops.cast(kernel, self.compute_dtype), kernel_scale)

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_paligemma.layers.threaded_matmul import (
+from keras_paligemma.layers.threaded_dense import (
     ThreadedDense,
     ThreadedEinsumDense,
 )

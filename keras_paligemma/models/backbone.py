@@ -12,13 +12,16 @@ from keras_paligemma.layers.vision_encoder import VisionEncoder
 from keras_paligemma.layers.window_cache import holds_window_rings
 from keras_paligemma.layers.window_cache import ring_mask_and_slots
 from keras_paligemma.models.fine_tuning import FineTuning
+from keras_paligemma.models.kernel_layout_config import KernelLayoutConfig
 from keras_paligemma.models.preset_dir import check_preset_dir
 from keras_paligemma.models.preset_dir import refuse_int4
 from keras_paligemma.presets import PresetLoading
 
 
 @keras.saving.register_keras_serializable(package="keras_paligemma")
-class PaliGemmaBackbone(FineTuning, PresetLoading, keras_hub.models.Backbone):
+class PaliGemmaBackbone(
+    FineTuning, PresetLoading, KernelLayoutConfig, keras_hub.models.Backbone
+):
     """The PaliGemma (1 and 2) network, from pixels and tokens to hidden states.
 
     The image is encoded into `num_image_tokens` embeddings, which are put

@@ -31,6 +31,9 @@ import re
 import numpy as np
 from keras import ops
 
+from keras_paligemma.layers.kernel_layout import DECODER_KERNEL_LAYOUT
+from keras_paligemma.layers.kernel_layout import permutation
+
 LORA_ADAPTERS_FILE = "lora_adapters.lora.h5"
 LORA_TARGETS = {
     "attention": r"decoder_block_\d+/attention/(query|key|value|attention_output)",
@@ -204,6 +207,7 @@ class FineTuning:
             )
         with h5py.File(filepath, "w") as file:
             file.attrs["lora"] = self._lora_json
+            file.attrs["decoder_kernel_layout"] = DECODER_KERNEL_LAYOUT
             for layer in self.lora_layers():
                 group = file.create_group(layer.path)
                 group["a"] = ops.convert_to_numpy(layer.lora_kernel_a)
@@ -219,6 +223,16 @@ class FineTuning:
 
         with h5py.File(filepath, "r") as file:
             saved = json.loads(file.attrs["lora"])
+            layout = file.attrs.get("decoder_kernel_layout")
+            decoder = [l.path for l in self.lora_layers() if permutation(l.path + "/kernel")]
+            if layout != DECODER_KERNEL_LAYOUT and decoder:
+                # The two layouts factor the update over different axes.
+                raise ValueError(
+                    f"{filepath} holds adapters of input-first decoder "
+                    f"kernels (e.g. {decoder[0]}), saved before the decoder "
+                    "stored its kernels output-first; they cannot be "
+                    "converted: train them again."
+                )
             if not self.lora_enabled:
                 self.enable_lora(**saved)
             elif self.lora_config != saved:

@@ -12,11 +12,11 @@ optimizer state (FSDP-style) instead of copying them.
 | weight (shape)                                  | split             |
 | ----------------------------------------------- | ----------------- |
 | `token_embedding/embeddings` (vocab, hidden)    | (model, batch)    |
-| decoder `query` (hidden, heads, head_dim)       | (batch, model, -) |
-| decoder `key`, `value` (hidden, kv_heads, hd)   | (model, -, -)     |
-| decoder `attention_output` (heads, hd, hidden)  | (model, -, batch) |
-| decoder `gate`, `up` (hidden, ffw)              | (batch, model)    |
-| decoder `down` (ffw, hidden)                    | (model, batch)    |
+| decoder `query` (heads, head_dim, hidden)       | (model, -, batch) |
+| decoder `key`, `value` (kv_heads, hd, hidden)   | (-, -, model)     |
+| decoder `attention_output` (hidden, heads, hd)  | (batch, model, -) |
+| decoder `gate`, `up` (ffw, hidden)              | (model, batch)    |
+| decoder `down` (hidden, ffw)                    | (batch, model)    |
 | SigLIP `query`/`key`/`value` (width, heads, hd) | (batch, model, -) |
 | SigLIP `attention_output` (heads, hd, width)    | (model, -, batch) |
 | SigLIP `mlp_in` (width, mlp)                    | (batch, model)    |
@@ -64,9 +64,9 @@ def backbone_layout_map(
     ...     shape=(1, 1), axis_names=("batch", "model"), devices=["cpu:0"])
     >>> layout_map = backbone_layout_map(mesh)
     >>> layout_map["decoder_block_3/attention/query/kernel"].axes
-    ('batch', 'model', None)
+    ('model', None, 'batch')
     >>> layout_map["decoder_block_3/down/kernel"].axes
-    ('model', 'batch')
+    ('batch', 'model')
     >>> print(layout_map["decoder_block_3/pre_ffw_norm/scale"])
     None
 
@@ -108,15 +108,16 @@ def backbone_layout_map(
     vision = r"vision_encoder/block_\d+/"
     layout_map = keras.distribution.LayoutMap(device_mesh)
     layout_map["token_embedding/embeddings"] = (model, batch)
-    layout_map[decoder + "attention/query/kernel"] = (batch, model, None)
-    layout_map[decoder + "attention/(key|value)/kernel"] = (model, None, None)
+    # The decoder's kernels are stored output-first (`kernel_layout.py`).
+    layout_map[decoder + "attention/query/kernel"] = (model, None, batch)
+    layout_map[decoder + "attention/(key|value)/kernel"] = (None, None, model)
     layout_map[decoder + "attention/attention_output/kernel"] = (
+        batch,
         model,
         None,
-        batch,
     )
-    layout_map[decoder + "(gate|up)/kernel"] = (batch, model)
-    layout_map[decoder + "down/kernel"] = (model, batch)
+    layout_map[decoder + "(gate|up)/kernel"] = (model, batch)
+    layout_map[decoder + "down/kernel"] = (batch, model)
     layout_map[vision + "(query|key|value)/kernel"] = (batch, model, None)
     layout_map[vision + "attention_output/kernel"] = (model, None, batch)
     layout_map[vision + "mlp_in/kernel"] = (batch, model)

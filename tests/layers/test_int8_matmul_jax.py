@@ -7,6 +7,7 @@ from keras import ops
 
 from conftest import BACKEND
 from keras_paligemma.layers import reversible_embedding as emb
+from keras_paligemma.layers import threaded_dense as td
 from keras_paligemma.layers import threaded_matmul as tm
 
 pytestmark = pytest.mark.skipif(
@@ -86,13 +87,13 @@ def test_decode_loop_converts_one_chunk_at_a_time(rows):
 
 def spy_on_int8_matmul(monkeypatch):
     calls = []
-    original = tm.int8_matmul
+    original = td.int8_matmul
 
     def recording(*args, **kwargs):
         calls.append(kwargs.get("transposed", args[2] if len(args) > 2 else False))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tm, "int8_matmul", recording)
+    monkeypatch.setattr(td, "int8_matmul", recording)
     monkeypatch.setattr(emb, "int8_matmul", recording)
     return calls
 
@@ -110,20 +111,27 @@ def test_one_row_at_the_default_chunk_size_and_bad_dtypes():
         int8_matmul(x.astype("float32"), kernel)
 
 
-def quantized_layers(rows):
+INPUT_FIRST, OUTPUT_FIRST = "btd,dnh->btnh", "btd,nhd->btnh"
+"""Keras' kernel layout, and the decoder's (`kernel_layout.py`)."""
+
+
+def quantized_layers(rows, equation=INPUT_FIRST):
     x = RNG.normal(size=(1, rows, 64)).astype("float32")
-    dense = tm.ThreadedDense(48)
-    einsum = tm.ThreadedEinsumDense("btd,dnh->btnh", (None, 3, 16))
+    dense = td.ThreadedDense(48)
+    einsum = td.ThreadedEinsumDense(equation, (None, 3, 16))
     for layer in (dense, einsum):
         layer.build(x.shape)
         layer.quantize("int8")
     return x, dense, einsum
 
 
+@pytest.mark.parametrize("equation", [INPUT_FIRST, OUTPUT_FIRST])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(rows, monkeypatch):
+def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(
+    rows, equation, monkeypatch
+):
     calls = spy_on_int8_matmul(monkeypatch)
-    x, dense, einsum = quantized_layers(rows)
+    x, dense, einsum = quantized_layers(rows, equation)
     embedding = emb.ReversibleEmbedding(300, 64, logit_soft_cap=30.0)
     embedding.build()
     embedding.quantize("int8")
@@ -136,20 +144,21 @@ def test_quantized_layers_use_it_and_equal_keras_bit_for_bit(rows, monkeypatch):
             keras.layers.ReversibleEmbedding._int8_call(embedding, x, True),
         ),
     ]
-    assert calls == [False, False, True]
+    assert calls == [False, equation == OUTPUT_FIRST, True]
     for ours, theirs in pairs:
         np.testing.assert_array_equal(ops.convert_to_numpy(ours), theirs)
 
 
+@pytest.mark.parametrize("equation", [INPUT_FIRST, OUTPUT_FIRST])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("jit", [False, True])
-def test_input_gradient_equals_keras(rows, jit, monkeypatch):
+def test_input_gradient_equals_keras(rows, jit, equation, monkeypatch):
     """Keras' int8 call passes the gradient straight through the input
     quantizer, with the de-quantized kernel; ours, used in any call, too."""
     import jax
 
     calls = spy_on_int8_matmul(monkeypatch)
-    x, dense, einsum = quantized_layers(rows)
+    x, dense, einsum = quantized_layers(rows, equation)
     compile = jax.jit if jit else (lambda f: f)
     for layer, keras_class in (
         (dense, keras.layers.Dense),

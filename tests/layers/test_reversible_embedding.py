@@ -7,6 +7,7 @@ import pytest
 
 from conftest import BACKEND
 from keras_paligemma.layers import reversible_embedding as emb
+from keras_paligemma.layers import threaded_dense as td
 from keras_paligemma.layers import threaded_matmul as tm
 
 tensorflow_only = pytest.mark.skipif(
@@ -80,18 +81,20 @@ def test_decoder_products_are_not_batched_matmuls():
     of the same product on a matrix of rows."""
     import tensorflow as tf
 
-    layer = tm.ThreadedEinsumDense("btd,dnh->btnh", (None, 2, 8))
-    dense = tm.ThreadedDense(6)
+    layer = td.ThreadedEinsumDense("btd,dnh->btnh", (None, 2, 8))
+    output_first = td.ThreadedEinsumDense("btd,nhd->btnh", (None, 2, 8))
+    dense = td.ThreadedDense(6)
     spec = tf.TensorSpec((None, None, 16), "float32")
     graph = tf.function(
-        lambda x: (layer(x), dense(x)), input_signature=[spec]
+        lambda x: (layer(x), output_first(x), dense(x)), input_signature=[spec]
     ).get_concrete_function().graph
     types = {op.type for op in graph.get_operations()}
     assert "MatMul" in types
     assert not any("BatchMatMul" in t for t in types)
     x = RNG.normal(size=(2, 3, 16)).astype("float32")
-    expected = np.einsum("btd,dnh->btnh", x, np.asarray(layer.kernel))
-    np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=1e-5)
+    for einsum in (layer, output_first):
+        expected = np.einsum(einsum.equation, x, np.asarray(einsum.kernel))
+        np.testing.assert_allclose(np.asarray(einsum(x)), expected, atol=1e-5)
 
 
 def loop_fused_products(hlo_text):

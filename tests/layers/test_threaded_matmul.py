@@ -9,11 +9,9 @@ from keras_paligemma.layers import onednn
 from keras_paligemma.layers import threaded_matmul as tm
 from keras_paligemma.layers.reversible_embedding import ReversibleEmbedding
 from keras_paligemma.layers.reversible_embedding import int8_matmul_by_blocks
-from keras_paligemma.layers.threaded_matmul import (
-    ThreadedDense,
-    ThreadedEinsumDense,
-    threaded_matmul,
-)
+from keras_paligemma.layers.threaded_dense import ThreadedDense
+from keras_paligemma.layers.threaded_dense import ThreadedEinsumDense
+from keras_paligemma.layers.threaded_matmul import threaded_matmul
 
 RNG = np.random.default_rng(0)
 
@@ -224,6 +222,9 @@ def test_blocks_need_a_divisible_split(paths):
         ("btd,dnh->btnh", (2, 1, 12), (None, 3, 4)),
         ("btnh,nhd->btd", (2, 1, 3, 4), (None, 12)),
         ("btd,df->btf", (2, 3, 12), (None, 10)),
+        ("btd,nhd->btnh", (2, 1, 12), (None, 3, 4)),  # output-first kernels
+        ("btnh,dnh->btd", (2, 1, 3, 4), (None, 12)),
+        ("btd,fd->btf", (2, 3, 12), (None, 10)),
         ("btd,dnh->bnth", (2, 1, 12), (3, None, 4)),  # not a plain matmul
     ],
 )
@@ -249,7 +250,12 @@ def test_threaded_einsum_dense_equals_einsum_dense(
     for layer in (ours, theirs):  # Keras quantizes the subclass as its own
         layer.quantize("int8")
     assert ours.quantization_mode == "int8"
-    np.testing.assert_allclose(numpy(ours(x)), numpy(theirs(x)), atol=1e-4)
+    # Keras' int8 product plus the LoRA term, `x . (alpha / rank) A @ B`
+    # (Keras' own int8 LoRA fails for output-first kernels).
+    theirs.lora_enabled = False
+    update = numpy(theirs.lora_kernel_a) @ numpy(theirs.lora_kernel_b)
+    expected = numpy(theirs(x)) + np.einsum(equation, x, update)
+    np.testing.assert_allclose(numpy(ours(x)), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("equation", ["btd,dnh->btnh", "btd,dnh->bnth"])
@@ -340,3 +346,27 @@ def test_threaded_dense_equals_dense_float_and_int8(rows, paths):
         out, expected = numpy(ours(x)), numpy(theirs(x))
     np.testing.assert_allclose(out, expected, atol=1e-4)
     assert paths == (["blocks"] if rows == 1 else onednn_or([]))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_transposed_kernels_are_read_in_place(rows, dtype, paths):
+    """`x @ kernel.T` for an output-first `(N, K)` kernel: on PyTorch CPU in
+    contiguous blocks of its rows (one row, or bfloat16) or by oneDNN
+    (float32 rows, outside autograd), never a copy of the kernel."""
+    kernel = RNG.normal(size=(40, 12)).astype("float32")
+    x = RNG.normal(size=(2, rows, 12)).astype("float32")
+    if paths is None:
+        out = threaded_matmul(x, kernel, transposed=True)
+        np.testing.assert_allclose(numpy(out), x @ kernel.T, atol=1e-5)
+        return
+    import torch
+
+    torch_x = torch.tensor(x[:1]).to(getattr(torch, dtype))
+    with torch.no_grad():
+        out = threaded_matmul(torch_x, torch.tensor(kernel).to(torch_x.dtype), transposed=True)
+    expected = torch_x.float().numpy() @ torch.tensor(kernel).to(torch_x.dtype).float().numpy().T
+    tolerance = 1e-5 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(numpy(out.float()), expected, rtol=tolerance, atol=tolerance)
+    one_product = onednn_or(["blocks"]) if dtype == "float32" else ["blocks"]
+    assert paths == (["blocks"] if rows == 1 else one_product)

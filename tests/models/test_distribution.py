@@ -29,15 +29,15 @@ JAX_ONLY = pytest.mark.skipif(
 )
 SPLIT = {
     "token_embedding/embeddings": ("model", "batch"),
-    "decoder_block_1/attention/query/kernel": ("batch", "model", None),
-    "decoder_block_1/attention/key/kernel": ("model", None, None),
-    "decoder_block_1/attention/value/kernel": ("model", None, None),
+    "decoder_block_1/attention/query/kernel": ("model", None, "batch"),
+    "decoder_block_1/attention/key/kernel": (None, None, "model"),
+    "decoder_block_1/attention/value/kernel": (None, None, "model"),
     "decoder_block_1/attention/attention_output/kernel": (
-        "model", None, "batch"
+        "batch", "model", None
     ),
-    "decoder_block_1/gate/kernel": ("batch", "model"),
-    "decoder_block_1/up/kernel": ("batch", "model"),
-    "decoder_block_1/down/kernel": ("model", "batch"),
+    "decoder_block_1/gate/kernel": ("model", "batch"),
+    "decoder_block_1/up/kernel": ("model", "batch"),
+    "decoder_block_1/down/kernel": ("batch", "model"),
     "vision_encoder/block_1/query/kernel": ("batch", "model", None),
     "vision_encoder/block_1/value/kernel": ("batch", "model", None),
     "vision_encoder/block_1/attention_output/kernel": ("model", None, "batch"),
@@ -83,7 +83,7 @@ def test_renamed_axes_are_used():
         model_parallel_dim_name="tensor",
         data_parallel_dim_name="data",
     )
-    assert layout_map["decoder_block_0/gate/kernel"].axes == ("data", "tensor")
+    assert layout_map["decoder_block_0/gate/kernel"].axes == ("tensor", "data")
 
 
 @pytest.mark.parametrize(
