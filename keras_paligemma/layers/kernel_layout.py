@@ -78,9 +78,18 @@ def read_input_first_files(model):
 
     For configs saved before `DECODER_KERNEL_LAYOUT` existed: each layer's
     `load_own_variables` then transposes its stored kernel on the way in.
-    Saving writes the current layout.
+    Saving writes the current layout. Quantized kernels are refused (their
+    scales were laid out for the input-first kernel).
     """
     for layer in model._flatten_layers(include_self=False, recursive=True):
         kernel = getattr(layer, "_kernel", None)
-        if kernel is not None and permutation(kernel.path) is not None:
-            layer.input_first_files = True
+        if kernel is None or permutation(kernel.path) is None:
+            continue
+        if layer.quantization_mode is not None:
+            raise ValueError(
+                f"This {layer.quantization_mode}-quantized model stores its "
+                "decoder kernels input-first, as presets did before "
+                "`decoder_kernel_layout`; load the float preset and quantize "
+                "it again."
+            )
+        layer.input_first_files = True

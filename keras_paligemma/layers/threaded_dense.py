@@ -189,13 +189,6 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
         if not self.input_first_files:
             return super().load_own_variables(store)
         self.input_first_files = False
-        if self.quantization_mode is not None:
-            raise ValueError(
-                f"`{self.path}`: this quantized preset stores its decoder "
-                "kernels (input, output), as presets did before "
-                "`decoder_kernel_layout`; load the float preset and quantize "
-                "it again."
-            )
         stored = {key: store[key] for key in store.keys()}
         stored["0"] = from_input_first(self._kernel.path, stored["0"][()])
         return super().load_own_variables(stored)

@@ -224,7 +224,11 @@ class FineTuning:
         with h5py.File(filepath, "r") as file:
             saved = json.loads(file.attrs["lora"])
             layout = file.attrs.get("decoder_kernel_layout")
-            decoder = [l.path for l in self.lora_layers() if permutation(l.path + "/kernel")]
+            decoder = [
+                layer.path
+                for layer in self._lora_target_layers(saved["targets"])
+                if permutation(layer.path + "/kernel")
+            ]
             if layout != DECODER_KERNEL_LAYOUT and decoder:
                 # The two layouts factor the update over different axes.
                 raise ValueError(
