@@ -110,10 +110,11 @@ def threaded_matmul(x, kernel, transposed=False):
     if x.device.type != "cpu":
         return torch.matmul(x, kernel)
     if onednn.applies(x, kernel, rows):
-        # A contiguous `(K, N)` kernel takes the faster product here; the
-        # transposed vocabulary table took oneDNN's (at 8-32 rows 145-254
-        # against 281-322 ms for MKL's, on the host where MKL won above).
-        if kernel.is_contiguous() and not onednn.beats_mkl():
+        # A kernel (`(K, N)`, or `(N, K)` with `transposed`) takes the
+        # faster product here; the vocabulary table took oneDNN's (at 8-32
+        # rows 145-254 against 281-322 ms for MKL's, on the host where MKL
+        # won above).
+        if (transposed or kernel.is_contiguous()) and not onednn.beats_mkl():
             return torch.matmul(x, kernel)
         out = onednn.linear()(x.reshape(rows, depth), kernel)
         return out.reshape(*x.shape[:-1], columns)

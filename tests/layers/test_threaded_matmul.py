@@ -112,7 +112,12 @@ def test_where_mkl_is_faster_kernels_take_it_and_the_table_onednn(
         np.testing.assert_allclose(
             numpy(threaded_matmul(x, kernel)), x @ numpy(kernel), atol=1e-5
         )
-        assert paths == []  # torch.matmul
+        np.testing.assert_allclose(  # an output-first kernel
+            numpy(threaded_matmul(x, table, transposed=True)),
+            x @ numpy(kernel),
+            atol=1e-5,
+        )
+        assert paths == []  # torch.matmul, twice
         np.testing.assert_allclose(
             numpy(threaded_matmul(x, table.T)), x @ numpy(kernel), atol=1e-5
         )
