@@ -20,7 +20,7 @@ output axes first, as in PyTorch's `Linear`:
 Converters write and read arrays in the input-first layout of the other
 formats; `from_input_first` and `to_input_first` move a variable's array
 between the two. Presets saved before this layout (their config lacks
-`DECODER_KERNEL_LAYOUT`) are read through `read_input_first_files`.
+`decoder_kernel_layout`) are read through `read_input_first_files`.
 
 Example:
 
@@ -62,9 +62,13 @@ def permutation(path):
 
 def from_input_first(path, array):
     """`array`, in the input-first layout, as stored at variable `path`
-    (a transposed view for a decoder kernel, else `array` itself)."""
+    (a transposed view for a decoder kernel, else `array` itself; also
+    `array` itself when its rank is not the kernel's, for the caller's
+    shape check to report)."""
     order = permutation(path)
-    return array if order is None else np.transpose(array, order)
+    if order is None or len(array.shape) != len(order):
+        return array
+    return np.transpose(array, order)
 
 
 def to_input_first(path, array):

@@ -3,8 +3,9 @@
 `threaded_matmul` multiplies two or more float32 rows outside autograd
 with oneDNN's `linear` (`torch.ops.mkldnn._linear_pointwise`, the kernel
 PyTorch's own compiler emits for linear layers; it reads the weights in
-place), or with MKL's (`torch.matmul`) for a `(K, N)` kernel where MKL
-measured faster once in the process (`beats_mkl`).
+place), or with MKL's (`torch.matmul`) for a kernel (`(K, N)`, or an
+output-first `(N, K)` one) where MKL measured faster once in the process
+(`beats_mkl`).
 
 Example:
 

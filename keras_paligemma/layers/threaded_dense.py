@@ -12,7 +12,8 @@ quantized calls are Keras' own.
 
 On JAX CPU too, `ThreadedEinsumDense` computes its float einsum as one
 product of the operands flattened to 2-D. Given Keras' einsum for the
-attention output projection (`"btnh,nhd->btd"`) after the attention,
+attention output projection (`"btnh,nhd->btd"`, as it was stored before
+`kernel_layout.py`) after the attention,
 XLA:CPU chose to copy the kernel into the head order of the attention
 output on every call, a decode step included (19 MB per layer for
 PaliGemma 2 3B); with the heads flattened the kernel is read in place.
@@ -145,7 +146,8 @@ class _ThreadedDenseMethods:
         return self._finish(exact(inputs, kernel, scale))
 
     def _int8_is_ours(self, inputs):
-        """Whether our exact int8 product replaces Keras': no LoRA, Keras'
+        """Whether our exact int8 product replaces Keras': no LoRA (an
+        output-first kernel's LoRA term is added after it), Keras'
         input quantizer present (older Keras versions take Keras' path),
         on CPU (where it was measured), and on PyTorch outside autograd
         (generation)."""
@@ -161,14 +163,18 @@ class _ThreadedDenseMethods:
 
 class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` whose float call uses `threaded_matmul`
-    (on JAX CPU: one `ops.matmul` of the flattened operands).
+    (on JAX CPU too) on the flattened operands.
 
     Applies to equations that contract the input's trailing axes with the
-    kernel's leading axes (`"btd,dnh->btnh"`, `"btnh,nhd->btd"`); any
-    other equation is Keras' own. When int8-quantized, on PyTorch CPU
-    outside autograd and on JAX CPU, the int8 inputs and kernel are
-    multiplied exactly without a whole-kernel copy (see the module
-    docstring); every other quantized call is Keras' own.
+    kernel's leading axes (`"btd,dnh->btnh"`) or its trailing axes, the
+    output axes first (`"btd,nhd->btnh"`, the decoder's); any other
+    equation is Keras' own. When int8-quantized, on PyTorch CPU outside
+    autograd and on JAX CPU, the int8 inputs and kernel are multiplied
+    exactly without a whole-kernel copy (see the module docstring); every
+    other quantized call is Keras' own. Keras' int4, GPTQ and AWQ
+    quantization assume the contracted axes first, so an output-first
+    kernel is transposed to that layout before them
+    (`_use_input_first_kernel`).
 
     Example:
 
@@ -185,13 +191,57 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
     def load_own_variables(self, store):
         """Keras' loading; with `input_first_files` (set by
         `kernel_layout.read_input_first_files`), the stored kernel is
-        transposed from the layout of earlier presets first, this once."""
+        transposed from the layout of earlier presets first, this once
+        (unless the file's kernel already has the stored shape)."""
         if not self.input_first_files:
             return super().load_own_variables(store)
         self.input_first_files = False
         stored = {key: store[key] for key in store.keys()}
-        stored["0"] = from_input_first(self._kernel.path, stored["0"][()])
+        kernel = from_input_first(self._kernel.path, stored["0"][()])
+        if tuple(kernel.shape) == tuple(self._kernel.shape):
+            # A kernel that already has the stored shape (a current file
+            # after `load_weights=False`) is loaded as it is.
+            stored["0"] = kernel
         return super().load_own_variables(stored)
+
+    def quantize(self, mode=None, type_check=True, **kwargs):
+        if mode in ("int4", "gptq", "awq") and self._output_first():
+            self._use_input_first_kernel()
+        super().quantize(mode, type_check=type_check, **kwargs)
+
+    def _output_first(self):
+        return self._matmul_axes is not None and self._matmul_axes[3]
+
+    def _use_input_first_kernel(self):
+        """Transpose an output-first float kernel to the contracted axes
+        first and rewrite the equation to match: Keras' int4 quantization
+        flattens the kernel to `(contracted, kept)` (with the output axes
+        first it scaled mixed groups of weights) and adds LoRA as
+        `einsum(equation, x, A) @ B`; GPTQ and AWQ read the axes by
+        position. int4 models are never saved as presets (`refuse_int4`)."""
+        if self.lora_enabled:
+            raise ValueError(
+                f"`{self.path}`: quantize to int4, GPTQ or AWQ before "
+                "`enable_lora`, not after."
+            )
+        inputs, output = self.equation.split("->")
+        left, kernel_letters = inputs.split(",")
+        _, contracted, kept, _ = self._matmul_axes
+        order = [kernel_letters.index(c) for c in contracted + kept]
+        value = ops.transpose(self._kernel, order)
+        trainable = self._kernel.trainable
+        # Keras' quantize wrapper unlocks the tracker and locks it after.
+        del self._kernel
+        self._kernel = self.add_weight(
+            name="kernel",
+            shape=tuple(value.shape),
+            initializer="zeros",
+            dtype=self.variable_dtype,
+            trainable=trainable,
+        )
+        self._kernel.assign(value)
+        self.equation = f"{left},{contracted}{kept}->{output}"
+        self._matmul_axes = _split_einsum(self.equation)
 
     def call(self, inputs, training=None):
         if self._matmul_axes is None or not _flattens(inputs):
@@ -199,7 +249,7 @@ class ThreadedEinsumDense(_ThreadedDenseMethods, keras.layers.EinsumDense):
         return self._finish(self._matmul(inputs, self.kernel))
 
     def _int8_call(self, inputs, training=None):
-        if self.lora_enabled and self._matmul_axes and self._matmul_axes[3]:
+        if self.lora_enabled and self._output_first():
             return self._int8_call_with_output_first_lora(inputs, training)
         if not (
             self._int8_is_ours(inputs)

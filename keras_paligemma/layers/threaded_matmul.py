@@ -37,7 +37,8 @@ XLA as well (`reversible_embedding.xla_table_matmul`), a decode step of
 the 4-layer benchmark config took 110 against 134 ms with Keras' layers
 (122 with only the flattening; one process, interleaved, same tokens).
 
-Results equal `x @ kernel` to float rounding. Other backends and devices,
+Results equal `x @ kernel` (or `x @ kernel.T` for output-first kernels)
+to float rounding. Other backends and devices,
 and other products, take the ordinary path.
 
 The dense layers that use these products are in `threaded_dense.py`.
@@ -75,8 +76,8 @@ def threaded_matmul(x, kernel, transposed=False):
     `kernel_layout.py`).
 
     On PyTorch CPU: for two or more float32 rows outside autograd,
-    oneDNN's linear, or MKL's (`torch.matmul`) for a `(K, N)` kernel where
-    it measured faster (`onednn.beats_mkl`); else, for at most
+    oneDNN's linear, or MKL's (`torch.matmul`) for a kernel (`(K, N)`,
+    or `(N, K)` with `transposed`) where it measured faster (`onednn.beats_mkl`); else, for at most
     `MAX_ROWS` rows, one batched matmul over
     contiguous blocks of `kernel` (its rows, or the rows of the table it
     transposes). On TensorFlow: one 2-D product of `x`'s rows. Elsewhere

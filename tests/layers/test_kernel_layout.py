@@ -55,3 +55,8 @@ def test_other_variables_keep_the_keras_layout(path):
     assert permutation(path) is None
     assert from_input_first(path, array) is array
     assert to_input_first(path, array) is array
+
+
+def test_an_array_of_another_rank_is_left_for_the_shape_check():
+    array = np.zeros((8, 16))
+    assert from_input_first("decoder_block_0/attention/query/kernel", array) is array

@@ -133,3 +133,12 @@ def test_earlier_lora_adapters_of_decoder_kernels_are_refused(tmp_path):
     with h5py.File(vision_path, "r+") as f:
         del f.attrs["decoder_kernel_layout"]
     PaliGemmaBackbone.from_preset(TINY_PRESET).load_lora_weights(vision_path)
+
+
+def test_a_current_file_loads_as_it_is_after_an_earlier_config():
+    """An earlier config built without its weights (`load_weights=False`)
+    still loads a current weights file unchanged."""
+    current = PaliGemmaBackbone.from_preset(TINY_PRESET)
+    backbone = PaliGemmaBackbone.from_config(drop_layout_key(current.get_config()))
+    backbone.load_weights(os.path.join(TINY_PRESET, "model.weights.h5"))
+    np.testing.assert_array_equal(hidden_states(backbone), hidden_states(current))
