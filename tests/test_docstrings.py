@@ -17,6 +17,7 @@ MODULES = [
     "keras_paligemma.layers.threaded_dense",
     "keras_paligemma.layers.kernel_layout",
     "keras_paligemma.layers.onednn",
+    "keras_paligemma.layers.row_product",
     "keras_paligemma.layers.reversible_embedding",
     "keras_paligemma.layers.int8_matmul_jax",
     "keras_paligemma.layers.int8_matmul_tf",

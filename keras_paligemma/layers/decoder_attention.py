@@ -1,10 +1,14 @@
 """Gemma / Gemma 2 grouped-query self-attention with a KV cache."""
 
+import functools
+
 import keras
 from keras import ops
 
 from keras_paligemma.layers.device import platform
-from keras_paligemma.layers.rotary import apply_rotary_embedding
+from keras_paligemma.layers.rotary import rotary_angles
+from keras_paligemma.layers.rotary import rotate
+from keras_paligemma.layers.sublayer_call import call_sublayer
 from keras_paligemma.layers.threaded_dense import ThreadedEinsumDense
 from keras_paligemma.layers.window_cache import write_into_ring
 
@@ -126,13 +130,14 @@ class DecoderAttention(keras.layers.Layer):
     def call(
         self, x, attention_mask, positions, cache=None, cache_update_index=0
     ):
-        query = self.query_dense(x)
-        key = self.key_dense(x)
-        value = self.value_dense(x)
-        query = apply_rotary_embedding(
-            query, positions, self.rope_max_wavelength
+        run = functools.partial(call_sublayer, self)  # see sublayer_call.py
+        query = run(self.query_dense, x)
+        key = run(self.key_dense, x)
+        value = run(self.value_dense, x)
+        sin, cos = rotary_angles(
+            positions, self.head_dim, self.rope_max_wavelength
         )
-        key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
+        query, key = rotate(query, sin, cos), rotate(key, sin, cos)
         if cache is not None:
             keys_values = ops.stack([key, value], axis=1)
             if len(getattr(cache_update_index, "shape", ())) == 1:
@@ -141,7 +146,7 @@ class DecoderAttention(keras.layers.Layer):
                 cache = write_into_cache(cache, keys_values, cache_update_index)
             key, value = cache[:, 0], cache[:, 1]
         outputs = self._attend(query, key, value, attention_mask)
-        outputs = self.output_dense(outputs)
+        outputs = run(self.output_dense, outputs)
         if cache is None:
             return outputs
         return outputs, cache

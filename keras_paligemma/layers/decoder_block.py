@@ -1,10 +1,13 @@
 """One Gemma / Gemma 2 decoder block: pre-norm attention and GeGLU FFW."""
 
+import functools
+
 import keras
 from keras import ops
 
 from keras_paligemma.layers.decoder_attention import DecoderAttention
 from keras_paligemma.layers.rms_norm import RMSNormalization
+from keras_paligemma.layers.sublayer_call import call_sublayer
 from keras_paligemma.layers.threaded_dense import ThreadedEinsumDense
 
 
@@ -129,8 +132,10 @@ class DecoderBlock(keras.layers.Layer):
         cache_update_index=0,
         output_index=None,
     ):
-        attended = self.attention(
-            self.pre_attention_norm(x),
+        run = functools.partial(call_sublayer, self)  # see sublayer_call.py
+        attended = run(
+            self.attention,
+            run(self.pre_attention_norm, x),
             attention_mask=attention_mask,
             positions=positions,
             cache=cache,
@@ -144,14 +149,14 @@ class DecoderBlock(keras.layers.Layer):
             x = ops.slice(x, [0, output_index, 0], row)
             attended = ops.slice(attended, [0, output_index, 0], row)
         if self.use_post_norms:
-            attended = self.post_attention_norm(attended)
+            attended = run(self.post_attention_norm, attended)
         x = x + attended
 
-        h = self.pre_ffw_norm(x)
-        gate = keras.activations.gelu(self.gate_dense(h), approximate=True)
-        ffw = self.down_dense(gate * self.up_dense(h))
+        h = run(self.pre_ffw_norm, x)
+        gate = keras.activations.gelu(run(self.gate_dense, h), approximate=True)
+        ffw = run(self.down_dense, gate * run(self.up_dense, h))
         if self.use_post_norms:
-            ffw = self.post_ffw_norm(ffw)
+            ffw = run(self.post_ffw_norm, ffw)
         x = x + ffw
         if cache is None:
             return x

@@ -3,6 +3,32 @@
 from keras import ops
 
 
+def rotary_angles(positions, head_dim, max_wavelength=10000):
+    """`(sin, cos)` of every position's angles, each `(batch, length, 1,
+    head_dim / 2)` float32: computed once for the queries and keys of a
+    layer (`rotate`).
+
+    >>> sin, cos = rotary_angles(ops.zeros((1, 3), "int32"), 8)
+    >>> tuple(sin.shape), float(ops.max(cos))
+    ((1, 3, 1, 4), 1.0)
+    """
+    half = head_dim // 2
+    exponents = ops.arange(0, half, dtype="float32") * 2.0 / head_dim
+    inverse_frequency = 1.0 / ops.power(float(max_wavelength), exponents)
+    angles = ops.cast(positions, "float32")[..., None] * inverse_frequency
+    return ops.sin(angles)[:, :, None, :], ops.cos(angles)[:, :, None, :]
+
+
+def rotate(x, sin, cos):
+    """`x (batch, length, heads, head_dim)` rotated by `rotary_angles`,
+    the head dimension split in halves; same dtype as `x`."""
+    half = ops.shape(x)[-1] // 2
+    x32 = ops.cast(x, "float32")
+    x1, x2 = x32[..., :half], x32[..., half:]
+    rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return ops.cast(rotated, x.dtype)
+
+
 def apply_rotary_embedding(x, positions, max_wavelength=10000):
     """Rotate `x` by its positions, splitting the head dimension in halves.
 
@@ -24,14 +50,5 @@ def apply_rotary_embedding(x, positions, max_wavelength=10000):
     >>> ops.convert_to_numpy(y).ravel().tolist()
     [1.0, 1.0, 1.0, 1.0]
     """
-    head_dim = ops.shape(x)[-1]
-    half = head_dim // 2
-    exponents = ops.arange(0, half, dtype="float32") * 2.0 / head_dim
-    inverse_frequency = 1.0 / ops.power(float(max_wavelength), exponents)
-    angles = ops.cast(positions, "float32")[..., None] * inverse_frequency
-    sin = ops.sin(angles)[:, :, None, :]
-    cos = ops.cos(angles)[:, :, None, :]
-    x32 = ops.cast(x, "float32")
-    x1, x2 = x32[..., :half], x32[..., half:]
-    rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return ops.cast(rotated, x.dtype)
+    sin, cos = rotary_angles(positions, ops.shape(x)[-1], max_wavelength)
+    return rotate(x, sin, cos)

@@ -22,7 +22,9 @@ CPU:
   matmul. In float32 each block is a contiguous slice of the weights: a
   `(K, N)` kernel is split along K, its rows (the partial products are
   summed); a transposed `(N, K)` table (the tied 257,152-row vocabulary
-  projection, `table.T`) along N, the table's rows. Contiguous slices
+  projection, `table.T`, and the decoder's output-first kernels) along
+  N, the table's rows, one row taking the side of `torch.bmm` that
+  measured faster (`row_product.py`). Contiguous slices
   matter: column blocks (strided rows) read the vocabulary table at 31
   against 37 GB/s, and a decode step of the 4-layer benchmark config took
   130-141 against 93-99 ms. In bfloat16/float16, where summing partial
@@ -51,6 +53,7 @@ from keras import ops
 
 from keras_paligemma.layers import onednn
 from keras_paligemma.layers.device import platform
+from keras_paligemma.layers.row_product import table_rows_product
 
 THREADED = ("torch", "tensorflow")
 """Backends whose float layer calls go through `threaded_matmul`."""
@@ -138,13 +141,9 @@ def threaded_matmul(x, kernel, transposed=False):
         out = out.transpose(0, 1).reshape(rows, columns)
     elif kernel.T.is_contiguous() and (blocks := _thread_blocks(columns)) > 1:
         # Each block: `columns / blocks` consecutive rows of the table,
-        # the rows of `x` on the left (`table_block @ x.T` read the
-        # vocabulary table at 11-13 against 25 GB/s on this machine).
+        # on the side of `x` that measured faster (`row_product.py`).
         table_blocks = kernel.T.reshape(blocks, columns // blocks, depth)
-        out = torch.bmm(
-            flat.expand(blocks, rows, depth), table_blocks.transpose(1, 2)
-        )
-        out = out.transpose(0, 1).reshape(rows, columns)
+        out = table_rows_product(flat, table_blocks)
     else:
         return torch.matmul(x, kernel)
     return out.reshape(*x.shape[:-1], columns)

@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 from keras_paligemma.layers import onednn
+from keras_paligemma.layers import row_product
 from keras_paligemma.layers import threaded_matmul as tm
 from keras_paligemma.layers.reversible_embedding import ReversibleEmbedding
 from keras_paligemma.layers.reversible_embedding import int8_matmul_by_blocks
@@ -44,6 +45,9 @@ def paths(monkeypatch):
     # Which of oneDNN and MKL multiplies kernels faster depends on the
     # machine: these tests take oneDNN (see the MKL test below).
     monkeypatch.setattr(onednn, "beats_mkl", lambda: True)
+    # Which side of `torch.bmm` one row takes is measured too (see
+    # test_row_product.py): these tests put the rows on the left.
+    monkeypatch.setattr(row_product, "table_on_left", lambda *_: False)
     linear = onednn.linear()
     if linear is not None:
         recording_linear = lambda x, k: calls.append("onednn") or linear(x, k)

@@ -1,0 +1,122 @@
+"""A block's sublayers skip `Layer.__call__` only in eager PyTorch
+inference, with the same results."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_paligemma.layers import sublayer_call
+from keras_paligemma.layers.decoder_block import DecoderBlock
+from keras_paligemma.layers.sublayer_call import call_sublayer
+
+RNG = np.random.default_rng(0)
+
+
+def block(dtype="float32"):
+    layer = DecoderBlock(
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        attention_logit_softcap=50.0,
+        use_post_norms=True,
+        dtype=dtype,
+    )
+    layer.build((1, 5, 16))
+    for variable in layer.weights:
+        variable.assign(RNG.normal(size=variable.shape) * 0.3)
+    return layer
+
+
+def inputs():
+    x = ops.convert_to_tensor(RNG.normal(size=(1, 5, 16)).astype("float32"))
+    mask = ops.convert_to_tensor(np.tril(np.ones((1, 5, 5), bool)))
+    positions = ops.convert_to_tensor(np.arange(5)[None].astype("int32"))
+    return x, mask, positions
+
+
+@pytest.fixture
+def keras_calls(monkeypatch):
+    """Names of the layers called through `Layer.__call__`."""
+    seen = []
+    real_call = keras.layers.Layer.__call__
+
+    def recording_call(self, *args, **kwargs):
+        seen.append(self.name)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "__call__", recording_call)
+    return seen
+
+
+def no_grad():
+    if keras.config.backend() != "torch":
+        import contextlib
+
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.no_grad()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_block_gives_the_same_outputs_and_skips_only_on_torch(
+    dtype, quantized, keras_calls, monkeypatch
+):
+    layer = block(dtype)
+    if quantized:
+        attention = layer.attention
+        for dense in (
+            attention.query_dense,
+            attention.key_dense,
+            attention.value_dense,
+            attention.output_dense,
+            layer.gate_dense,
+            layer.up_dense,
+            layer.down_dense,
+        ):
+            dense.quantize("int8")
+    x, mask, positions = inputs()
+
+    def run():
+        out = layer(x, mask, positions)
+        return ops.convert_to_numpy(ops.cast(out, "float32"))
+
+    with no_grad():
+        with monkeypatch.context() as keras_only:
+            keras_only.setattr(sublayer_call, "_calls_directly", lambda *_: False)
+            through_keras = run()
+        expected_calls = list(keras_calls)
+        assert "query" in expected_calls and "pre_ffw_norm" in expected_calls
+        keras_calls.clear()
+        direct = run()
+    np.testing.assert_array_equal(direct, through_keras)
+    if keras.config.backend() == "torch":
+        assert keras_calls == [layer.name]  # the block's own call only
+    else:
+        assert keras_calls == expected_calls
+
+
+def test_autograd_goes_through_keras(keras_calls):
+    layer = block()
+    layer(*inputs())
+    assert "query" in keras_calls and "pre_ffw_norm" in keras_calls
+
+
+def test_a_sublayer_of_another_dtype_or_unbuilt_goes_through_keras(
+    keras_calls,
+):
+    parent = keras.layers.Dense(2)
+    parent.build((1, 4))
+    other_dtype = keras.layers.Dense(2, dtype="bfloat16")
+    unbuilt = keras.layers.Dense(2)
+    x = ops.ones((1, 4))
+    with no_grad():
+        out = call_sublayer(parent, other_dtype, x)
+        call_sublayer(parent, unbuilt, x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert keras_calls == [other_dtype.name, unbuilt.name]
