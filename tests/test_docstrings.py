@@ -18,6 +18,7 @@ MODULES = [
     "keras_paligemma.layers.kernel_layout",
     "keras_paligemma.layers.onednn",
     "keras_paligemma.layers.row_product",
+    "keras_paligemma.layers.sublayer_call",
     "keras_paligemma.layers.reversible_embedding",
     "keras_paligemma.layers.int8_matmul_jax",
     "keras_paligemma.layers.int8_matmul_tf",

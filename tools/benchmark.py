@@ -98,7 +98,8 @@ def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
     `before_repeat()`, if given, runs before each repeat. `probe()`, if
     given, returns the memory read rate now: it runs just before and just
     after each runner's decode timings, and the row keeps each repeat's
-    decode time with the faster of the two rates (`decode_samples`)."""
+    decode time (its generate time less the best time to first token)
+    with the faster of the two rates (`decode_samples`)."""
     images, prompts = random_inputs(backbone, batch, PROMPT_LENGTH, args.seed)
     # A one token shorter prompt, right-padded: shows any recompilation.
     other_images, shorter = random_inputs(
@@ -132,8 +133,12 @@ def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
     rows = []
     for runner in runners:
         repeats = best[runner.name]
-        decodes = [1e3 * (g - t) / (args.new_tokens - 1)
-                   for g, t in zip(repeats["generate"], repeats["ttft"])]
+        # Each repeat's N-token generate less the best time to the first
+        # token: a repeat's own first-token time (a prefill: seconds, at
+        # full depth) varied by more than the N - 1 steps took, which made
+        # per-repeat differences meaningless, even negative.
+        decodes = [1e3 * (g - min(repeats["ttft"])) / (args.new_tokens - 1)
+                   for g in repeats["generate"]]
         times = {key: min(repeats[key]) for key in ("prefill", "ttft", "generate")}
         memory = rss[runner.name]
         rows.append({

@@ -38,9 +38,10 @@ def linear():
     return lambda x, kernel: pointwise(x, kernel.T, None, "none", [], "")
 
 
-def faster(first, second, repeats=5):
-    """Whether `first()` runs faster than `second()`: the best time of
-    each over `repeats + 1` alternating calls.
+def faster(first, second, repeats=5, margin=1.0):
+    """Whether `first()` runs faster than `second()` by at least `margin`
+    (a ratio): the best time of each over `repeats + 1` alternating
+    calls.
 
     >>> import time
     >>> faster(lambda: time.sleep(0.001), lambda: time.sleep(0.01), 2)
@@ -53,7 +54,7 @@ def faster(first, second, repeats=5):
         start = time.perf_counter()
         (first, second)[index]()
         best[index] = min(best[index], time.perf_counter() - start)
-    return best[0] < best[1]
+    return best[0] * margin < best[1]
 
 
 @functools.cache

@@ -141,7 +141,7 @@ def threaded_matmul(x, kernel, transposed=False):
         out = out.transpose(0, 1).reshape(rows, columns)
     elif kernel.T.is_contiguous() and (blocks := _thread_blocks(columns)) > 1:
         # Each block: `columns / blocks` consecutive rows of the table,
-        # on the side of `x` that measured faster (`row_product.py`).
+        # one row on the side of `x` that measured faster (`row_product.py`).
         table_blocks = kernel.T.reshape(blocks, columns // blocks, depth)
         out = table_rows_product(flat, table_blocks)
     else:

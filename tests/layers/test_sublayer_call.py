@@ -107,7 +107,7 @@ def test_autograd_goes_through_keras(keras_calls):
     assert "query" in keras_calls and "pre_ffw_norm" in keras_calls
 
 
-def test_a_sublayer_of_another_dtype_or_unbuilt_goes_through_keras(
+def test_a_sublayer_of_another_compute_dtype_goes_through_keras(
     keras_calls,
 ):
     parent = keras.layers.Dense(2)
@@ -120,3 +120,87 @@ def test_a_sublayer_of_another_dtype_or_unbuilt_goes_through_keras(
         call_sublayer(parent, unbuilt, x)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     assert keras_calls == [other_dtype.name, unbuilt.name]
+
+
+def test_a_decode_step_with_a_cache_gives_the_same_outputs(monkeypatch):
+    layer = block()
+    x, _, _ = inputs()
+    row = x[:, :1]
+    mask = ops.convert_to_tensor(np.ones((1, 1, 6), bool))
+    positions = ops.convert_to_tensor(np.array([[5]], "int32"))
+    cache = np.asarray(RNG.normal(size=(1, 2, 6, 1, 8)), "float32")
+
+    def step():
+        out, new_cache = layer(
+            row,
+            mask,
+            positions,
+            cache=ops.convert_to_tensor(cache.copy()),
+            cache_update_index=5,
+            output_index=0,
+        )
+        return ops.convert_to_numpy(out), ops.convert_to_numpy(new_cache)
+
+    with no_grad():
+        with monkeypatch.context() as keras_only:
+            keras_only.setattr(sublayer_call, "_calls_directly", lambda *_: False)
+            expected = step()
+        direct = step()
+    for ours, theirs in zip(direct, expected):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_block_run_without_its_own_call_goes_through_keras(
+    keras_calls, monkeypatch
+):
+    """`block.call` under mixed precision opens no autocast scope: the
+    sublayers' own `__call__` must (and `stateless_call` alike)."""
+    layer = block("mixed_bfloat16")
+    x, mask, positions = inputs()
+    with no_grad():
+        out = ops.convert_to_numpy(
+            ops.cast(layer.call(ops.cast(x, "bfloat16"), mask, positions), "float32")
+        )
+        with monkeypatch.context() as keras_only:
+            keras_only.setattr(sublayer_call, "_calls_directly", lambda *_: False)
+            expected = ops.convert_to_numpy(
+                ops.cast(
+                    layer.call(ops.cast(x, "bfloat16"), mask, positions),
+                    "float32",
+                )
+            )
+    np.testing.assert_array_equal(out, expected)
+    assert "query" in keras_calls
+
+
+def test_sublayers_that_keras_must_call_go_through_keras(keras_calls):
+    """Another variable dtype, remat, a forward hook, symbolic inputs,
+    inputs of another dtype, an unbuilt layer."""
+    parent = keras.layers.Dense(2)
+    parent.build((1, 4))
+    x = ops.ones((1, 4))
+    other_variables = keras.layers.Dense(2, dtype="mixed_float16", name="mixed")
+    with keras.RematScope(mode="full"):
+        remat = keras.layers.Dense(2, name="remat")
+    hooked = keras.layers.Dense(2, name="hooked")
+    unbuilt = keras.layers.Dense(2, name="unbuilt")
+    for layer in (other_variables, remat, hooked):
+        layer.build((1, 4))
+    hooked_calls = []
+    if keras.config.backend() == "torch":
+        hooked.register_forward_hook(lambda *_: hooked_calls.append(1))
+    half_parent = keras.layers.Dense(2, dtype="float16")
+    half_parent.build((1, 4))
+    with no_grad():
+        call_sublayer(half_parent, other_variables, ops.cast(x, "float16"))
+        call_sublayer(parent, remat, x)
+        call_sublayer(parent, hooked, x)
+        symbolic = call_sublayer(parent, parent, keras.KerasTensor((1, 4)))
+        call_sublayer(parent, parent, ops.cast(x, "float16"))
+        call_sublayer(parent, unbuilt, x)
+    assert isinstance(symbolic, keras.KerasTensor)
+    assert keras_calls == [
+        "mixed", "remat", "hooked", parent.name, parent.name, "unbuilt"
+    ]
+    if keras.config.backend() == "torch":
+        assert hooked_calls == [1]
