@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from keras_paligemma.layers import eager_ops
 from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.rotary import rotary_angles
 from keras_paligemma.layers.rotary import rotate
@@ -139,7 +140,7 @@ class DecoderAttention(keras.layers.Layer):
         )
         query, key = rotate(query, sin, cos), rotate(key, sin, cos)
         if cache is not None:
-            keys_values = ops.stack([key, value], axis=1)
+            keys_values = eager_ops.stack([key, value], axis=1)
             if len(getattr(cache_update_index, "shape", ())) == 1:
                 cache = write_into_ring(cache, keys_values, cache_update_index)
             else:
@@ -182,24 +183,25 @@ class DecoderAttention(keras.layers.Layer):
     def _attend_in_float32(self, query, key, value, attention_mask):
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
         groups = self.num_query_heads // self.num_key_value_heads
-        query = ops.cast(query, "float32") * (
+        query = eager_ops.cast(query, "float32") * (
             self.query_pre_attn_scalar**-0.5
         )
-        query = ops.reshape(
+        query = eager_ops.reshape(
             query,
             (batch, length, self.num_key_value_heads, groups, self.head_dim),
         )
-        scores = ops.einsum(
-            "bqkgh,bskh->bkgqs", query, ops.cast(key, "float32")
+        scores = eager_ops.einsum(
+            "bqkgh,bskh->bkgqs", query, eager_ops.cast(key, "float32")
         )
         if self.attention_logit_softcap:
             cap = self.attention_logit_softcap
-            scores = ops.tanh(scores / cap) * cap
+            scores = eager_ops.tanh(scores / cap) * cap
         mask = attention_mask[:, None, None, :, :]
-        scores = ops.where(mask, scores, -1e30)
-        weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-        outputs = ops.einsum("bkgqs,bskh->bqkgh", weights, value)
-        return ops.reshape(
+        scores = eager_ops.where(mask, scores, -1e30)
+        weights = eager_ops.softmax(scores, axis=-1)
+        weights = eager_ops.cast(weights, value.dtype)
+        outputs = eager_ops.einsum("bkgqs,bskh->bqkgh", weights, value)
+        return eager_ops.reshape(
             outputs, (batch, length, self.num_query_heads, self.head_dim)
         )
 

@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from keras_paligemma.layers import eager_ops
 from keras_paligemma.layers.decoder_attention import DecoderAttention
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.sublayer_call import call_sublayer
@@ -153,7 +154,7 @@ class DecoderBlock(keras.layers.Layer):
         x = x + attended
 
         h = run(self.pre_ffw_norm, x)
-        gate = keras.activations.gelu(run(self.gate_dense, h), approximate=True)
+        gate = eager_ops.gelu_tanh(run(self.gate_dense, h))
         ffw = run(self.down_dense, gate * run(self.up_dense, h))
         if self.use_post_norms:
             ffw = run(self.post_ffw_norm, ffw)

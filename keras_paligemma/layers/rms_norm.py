@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_paligemma.layers import eager_ops
+
 
 class RMSNormalization(keras.layers.Layer):
     """Root-mean-square normalization with Gemma's zero-centred scale.
@@ -29,11 +31,11 @@ class RMSNormalization(keras.layers.Layer):
         )
 
     def call(self, x):
-        x32 = ops.cast(x, "float32")
-        variance = ops.mean(ops.square(x32), axis=-1, keepdims=True)
-        normed = x32 * ops.rsqrt(variance + self.epsilon)
+        x32 = eager_ops.cast(x, "float32")
+        variance = eager_ops.mean(eager_ops.square(x32), -1, keepdims=True)
+        normed = x32 * eager_ops.rsqrt(variance + self.epsilon)
         normed = normed * (1.0 + ops.cast(self.scale, "float32"))
-        return ops.cast(normed, self.compute_dtype)
+        return eager_ops.cast(normed, self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

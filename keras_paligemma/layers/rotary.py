@@ -2,6 +2,8 @@
 
 from keras import ops
 
+from keras_paligemma.layers import eager_ops
+
 
 def rotary_angles(positions, head_dim, max_wavelength=10000):
     """`(sin, cos)` of every position's angles, each `(batch, length, 1,
@@ -15,18 +17,21 @@ def rotary_angles(positions, head_dim, max_wavelength=10000):
     half = head_dim // 2
     exponents = ops.arange(0, half, dtype="float32") * 2.0 / head_dim
     inverse_frequency = 1.0 / ops.power(float(max_wavelength), exponents)
-    angles = ops.cast(positions, "float32")[..., None] * inverse_frequency
-    return ops.sin(angles)[:, :, None, :], ops.cos(angles)[:, :, None, :]
+    angles = eager_ops.cast(positions, "float32")[..., None] * inverse_frequency
+    sin, cos = eager_ops.sin_cos(angles)
+    return sin[:, :, None, :], cos[:, :, None, :]
 
 
 def rotate(x, sin, cos):
     """`x (batch, length, heads, head_dim)` rotated by `rotary_angles`,
     the head dimension split in halves; same dtype as `x`."""
     half = ops.shape(x)[-1] // 2
-    x32 = ops.cast(x, "float32")
+    x32 = eager_ops.cast(x, "float32")
     x1, x2 = x32[..., :half], x32[..., half:]
-    rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return ops.cast(rotated, x.dtype)
+    rotated = eager_ops.concatenate(
+        [x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1
+    )
+    return eager_ops.cast(rotated, x.dtype)
 
 
 def apply_rotary_embedding(x, positions, max_wavelength=10000):

@@ -11,7 +11,9 @@ outside autograd there is nothing to rematerialize. There the sublayer's
 `call` (or `quantized_call`) is called directly, with the same result. A
 decode step of a tiny-width model took 13.0-13.7 against 18.9-19.4 ms
 with 8 decoder layers, and 37.5-40.1 against 63.8-64.5 ms with 26 (one
-process, interleaved).
+process, interleaved). The backbone calls its blocks the same way when
+it decodes with a cache (prefill and every step): 26 tiny-width blocks
+took 32.6-33.1 against 37.0 ms a step.
 
 Each condition is checked on every call, and anything else goes through
 `layer(...)`: symbolic inputs, inputs of another dtype, an autocast scope

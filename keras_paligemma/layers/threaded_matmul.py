@@ -51,6 +51,7 @@ import math
 import keras
 from keras import ops
 
+from keras_paligemma.layers import eager_ops
 from keras_paligemma.layers import onednn
 from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.row_product import table_rows_product
@@ -103,8 +104,7 @@ def threaded_matmul(x, kernel, transposed=False):
         return dense_product(x, kernel, transposed)
     import torch
 
-    x = ops.convert_to_tensor(x)
-    kernel = ops.convert_to_tensor(kernel)
+    x, kernel = eager_ops.tensor(x), eager_ops.tensor(kernel)
     if transposed:
         kernel = kernel.T  # A view: the blocks below read it in place.
     dtype = torch.promote_types(x.dtype, kernel.dtype)  # as `ops.matmul`

@@ -8,6 +8,7 @@ from keras_paligemma.layers.attention_mask import prefix_lm_attention_mask
 from keras_paligemma.layers.decoder_block import DecoderBlock
 from keras_paligemma.layers.rms_norm import RMSNormalization
 from keras_paligemma.layers.reversible_embedding import ReversibleEmbedding
+from keras_paligemma.layers.sublayer_call import call_sublayer
 from keras_paligemma.layers.vision_encoder import VisionEncoder
 from keras_paligemma.layers.window_cache import holds_window_rings
 from keras_paligemma.layers.window_cache import ring_mask_and_slots
@@ -346,7 +347,9 @@ class PaliGemmaBackbone(
             if cache is None:
                 x = block(x, mask, query_positions)
             else:
-                x, layer_cache = block(
+                x, layer_cache = call_sublayer(  # see sublayer_call.py
+                    self,
+                    block,
                     x,
                     mask,
                     query_positions,

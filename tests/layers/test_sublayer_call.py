@@ -204,3 +204,28 @@ def test_sublayers_that_keras_must_call_go_through_keras(keras_calls):
     ]
     if keras.config.backend() == "torch":
         assert hooked_calls == [1]
+
+
+def test_generate_calls_the_blocks_directly_with_the_same_tokens(
+    tiny_causal_lm, keras_calls, monkeypatch
+):
+    """The backbone's decode steps call each block as a block calls its
+    sublayers: on PyTorch without the block's `Layer.__call__`."""
+    inputs = {"images": np.full((1, 16, 16, 3), 0.5, "float32"),
+              "prompts": ["caption en"]}
+    blocks = tiny_causal_lm.backbone.decoder_blocks
+    block_names = {block.name for block in blocks}
+
+    def generate():
+        keras_calls.clear()
+        out = tiny_causal_lm.generate(inputs, max_length=24, strip_prompt=True)
+        return out, [name for name in keras_calls if name in block_names]
+
+    with monkeypatch.context() as keras_only:
+        keras_only.setattr(sublayer_call, "_calls_directly", lambda *_: False)
+        expected, blocks_through_keras = generate()
+    direct, blocks_called = generate()
+    assert direct == expected
+    assert blocks_through_keras
+    if keras.config.backend() == "torch":
+        assert blocks_called == []
