@@ -38,6 +38,10 @@ same product with `x` flattened to a matrix of its rows; so
 XLA as well (`reversible_embedding.xla_table_matmul`), a decode step of
 the 4-layer benchmark config took 110 against 134 ms with Keras' layers
 (122 with only the flattening; one process, interleaved, same tokens).
+Many rows times an output-first kernel go the other way: as a batched
+matmul of one batch (`TENSORFLOW_BATCHED_ROWS`), which took the time to
+first token of the same config from 1061-1070 to 927-928 ms (keras-hub:
+979-1002).
 
 Results equal `x @ kernel` (or `x @ kernel.T` for output-first kernels)
 to float rounding. Other backends and devices,
@@ -159,8 +163,24 @@ def dense_product(x, kernel, transposed=False):
     return ops.matmul(x, kernel)
 
 
+TENSORFLOW_BATCHED_ROWS = 16
+"""From this many rows (or an unknown count) TensorFlow multiplies an
+output-first kernel as a batched matmul of one batch (`adjoint_b`),
+and from `TENSORFLOW_BATCHED_BIG_ROWS` rows a kernel of at least
+`TENSORFLOW_BIG_KERNEL` elements. oneDNN's batched matmul reached 204
+GFLOP/s at 268 rows where the 2-D `transpose_b` one reached 192 (and 116
+for the FFW's `down`: 56 against 80 ms); the FFW kernels times 4-64 rows
+took 0.3-0.8x the 2-D product's time. One or two rows, and the smaller
+kernels at 4-8 rows, were faster in 2-D (one row times an FFW kernel: 2.5
+against 4.7 ms)."""
+
+TENSORFLOW_BATCHED_BIG_ROWS = 4
+TENSORFLOW_BIG_KERNEL = 2**24
+
+
 def _tensorflow_product(transposed):
-    """TensorFlow's 2-D `matmul`, with `transpose_b` for a `(N, K)` kernel."""
+    """TensorFlow's 2-D `matmul`; for a `(N, K)` kernel, its `transpose_b`
+    or, for many rows, the batched matmul (`TENSORFLOW_BATCHED_ROWS`)."""
     if not transposed:
         return ops.matmul
     import tensorflow as tf
@@ -169,9 +189,20 @@ def _tensorflow_product(transposed):
         rows, kernel = ops.convert_to_tensor(rows), ops.convert_to_tensor(kernel)
         dtype = keras.backend.result_type(rows.dtype, kernel.dtype)
         rows, kernel = ops.cast(rows, dtype), ops.cast(kernel, dtype)
+        if _tensorflow_batches(rows.shape[0], math.prod(kernel.shape)):
+            return tf.linalg.matmul(rows[None], kernel[None], adjoint_b=True)[0]
         return tf.linalg.matmul(rows, kernel, transpose_b=True)
 
     return product
+
+
+def _tensorflow_batches(row_count, kernel_size):
+    if row_count is None or row_count >= TENSORFLOW_BATCHED_ROWS:
+        return True
+    return (
+        row_count >= TENSORFLOW_BATCHED_BIG_ROWS
+        and kernel_size >= TENSORFLOW_BIG_KERNEL
+    )
 
 
 def on_rows(product, x, kernel):

@@ -351,3 +351,51 @@ def test_int4_quantizes_output_first_kernels_per_output_channel(with_lora):
         ours.enable_lora(2, b_initializer="ones")
         update = numpy(ours.lora_kernel_a) @ numpy(ours.lora_kernel_b)
         np.testing.assert_allclose(numpy(ours(x)), out + x @ update, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow", reason="TensorFlow's product"
+)
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16, None])
+@pytest.mark.parametrize("big_kernel", [False, True])
+def test_tensorflow_batches_output_first_kernels_for_many_rows(
+    rows, big_kernel, monkeypatch
+):
+    """Many rows (or an unknown count), or a few rows times a big kernel,
+    take the batched matmul; the result equals `x @ kernel.T`, and so
+    does its gradient."""
+    import tensorflow as tf
+
+    if big_kernel:
+        monkeypatch.setattr(tm, "TENSORFLOW_BIG_KERNEL", 40 * 12)
+    batched = []
+    real_matmul = tf.linalg.matmul
+
+    def recording_matmul(a, b, **kwargs):
+        batched.append(len(a.shape) == 3)
+        return real_matmul(a, b, **kwargs)
+
+    monkeypatch.setattr(tf.linalg, "matmul", recording_matmul)
+    kernel = tf.constant(RNG.normal(size=(40, 12)).astype("float32"))
+    x = RNG.normal(size=(rows or 5, 1, 12)).astype("float32")
+    product = tf.function(
+        lambda x: threaded_matmul(x, kernel, transposed=True),
+        input_signature=[tf.TensorSpec((rows, 1, 12), "float32")],
+    )
+    np.testing.assert_allclose(
+        numpy(product(x)), x @ numpy(kernel).T, rtol=1e-5, atol=1e-5
+    )
+    expected = rows is None or rows >= 16 or (big_kernel and rows >= 4)
+    assert batched == [expected]
+
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = threaded_matmul(x, kernel, transposed=True)
+    gradient = tape.gradient(out, x)
+    np.testing.assert_allclose(
+        numpy(gradient),
+        np.broadcast_to(numpy(kernel).sum(0), x.shape),
+        rtol=1e-5,
+        atol=1e-5,
+    )
