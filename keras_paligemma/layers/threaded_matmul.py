@@ -164,10 +164,12 @@ def dense_product(x, kernel, transposed=False):
 
 
 TENSORFLOW_BATCHED_ROWS = 16
-"""From this many rows (or an unknown count) TensorFlow multiplies an
-output-first kernel as a batched matmul of one batch (`adjoint_b`),
-and from `TENSORFLOW_BATCHED_BIG_ROWS` rows a kernel of at least
-`TENSORFLOW_BIG_KERNEL` elements. oneDNN's batched matmul reached 204
+"""From this many rows TensorFlow multiplies an output-first kernel as a
+batched matmul of one batch (`adjoint_b`), and from
+`TENSORFLOW_BATCHED_BIG_ROWS` rows a kernel of at least
+`TENSORFLOW_BIG_KERNEL` elements. A row count unknown when the graph is
+traced (a serving signature's `None` batch) keeps the 2-D product, the
+faster one for a decode step. oneDNN's batched matmul reached 204
 GFLOP/s at 268 rows where the 2-D `transpose_b` one reached 192 (and 116
 for the FFW's `down`: 56 against 80 ms); the FFW kernels times 4-64 rows
 took 0.3-0.8x the 2-D product's time. One or two rows, and the smaller
@@ -197,7 +199,9 @@ def _tensorflow_product(transposed):
 
 
 def _tensorflow_batches(row_count, kernel_size):
-    if row_count is None or row_count >= TENSORFLOW_BATCHED_ROWS:
+    if row_count is None:
+        return False
+    if row_count >= TENSORFLOW_BATCHED_ROWS:
         return True
     return (
         row_count >= TENSORFLOW_BATCHED_BIG_ROWS

@@ -78,7 +78,8 @@ def test_untied_and_accelerators_keep_tensorflow_product(monkeypatch):
 @tensorflow_only
 def test_decoder_products_are_not_batched_matmuls():
     """oneDNN's batched matmul read these kernels at about 0.6x the speed
-    of the same product on a matrix of rows."""
+    of the same product on a matrix of rows, for a decode step's few rows
+    or an unknown count (many rows: `threaded_matmul`'s tests)."""
     import tensorflow as tf
 
     layer = td.ThreadedEinsumDense("btd,dnh->btnh", (None, 2, 8))
