@@ -6,11 +6,13 @@ rules) is paid again for every op of every block at every decode step:
 `ops.reshape` took 17 us against 1 us for the tensor's own, `ops.mean`
 13 against 4, `ops.where` 16 against 6, `ops.stack` 16 against 2.
 
-Each function here computes what its `keras.ops` namesake computes. On
-PyTorch, for tensors of one floating dtype (Python numbers where the
-function says so), it calls PyTorch's op directly; anything else (JAX,
-TensorFlow, symbolic inputs, Keras variables, integer or mixed dtypes)
-goes through `keras.ops`, dtype rules included.
+Each function here computes what its `keras.ops` namesake computes for
+the arguments the decode path passes (one integer axis; tensors on one
+device, as Keras places them). On PyTorch, for tensors of one floating
+dtype (Python numbers where the function says so), it calls PyTorch's
+op directly; anything else (JAX, TensorFlow, symbolic inputs, Keras
+variables, integer or mixed dtypes, other axes) goes through
+`keras.ops`, dtype rules included.
 
 Example:
 
@@ -70,9 +72,9 @@ def cast(x, dtype):
 
 @functools.cache
 def _torch_dtype(dtype):
-    import torch
+    from keras.src.backend.torch.core import to_torch_dtype
 
-    return getattr(torch, keras.backend.standardize_dtype(dtype))
+    return to_torch_dtype(dtype)
 
 
 def reshape(x, shape):
@@ -93,9 +95,10 @@ def square(x):
 
 
 def mean(x, axis, keepdims=False):
-    """`ops.mean(x, axis, keepdims)` over one axis (Keras averages a
-    16-bit `x` in float32)."""
-    if torch := _torch_for(x, only_float32=True):
+    """`ops.mean(x, axis, keepdims)` over one integer axis (Keras
+    averages a 16-bit `x` in float32)."""
+    torch = _torch_for(x, only_float32=True)
+    if torch and isinstance(axis, int):
         return torch.mean(x, dim=axis, keepdim=keepdims)
     return ops.mean(x, axis=axis, keepdims=keepdims)
 
@@ -130,16 +133,18 @@ def gelu_tanh(x):
 
 
 def softmax(x, axis=-1):
-    """`ops.softmax(x, axis)` (Keras runs float16 in float32 on CPU)."""
-    if torch := _torch_for(x, only_float32=True):
+    """`ops.softmax(x, axis)` over one integer axis (Keras runs float16
+    in float32 on CPU; float32 is the case checked against it)."""
+    torch = _torch_for(x, only_float32=True)
+    if torch and isinstance(axis, int):
         return torch.softmax(x, dim=axis)
     return ops.softmax(x, axis=axis)
 
 
 def where(condition, x, y):
     """`ops.where(condition, x, y)` for a boolean `condition`, a tensor
-    `x` and a Python number or a tensor `y` (Keras makes a number a
-    float32 tensor: the result of a 16-bit `x` is float32)."""
+    `x` and a Python number or a tensor `y` (with a number, a float32 `x`
+    only: the case checked against Keras, which converts the number)."""
     if isinstance(y, (int, float)):
         torch = _torch_for(x, only_float32=True)
     else:

@@ -16,9 +16,10 @@ it decodes with a cache (prefill and every step): 26 tiny-width blocks
 took 32.6-33.1 against 37.0 ms a step.
 
 Each condition is checked on every call, and anything else goes through
-`layer(...)`: symbolic inputs, inputs of another dtype, an autocast scope
-other than the one the sublayer would open (a block run with `call` or
-`stateless_call`), PyTorch forward hooks, activity regularizers, remat.
+`layer(...)`: symbolic inputs, floating inputs (a KV cache included) of
+another dtype, an autocast scope other than the one the sublayer would
+open (a block run with `call` or `stateless_call`), PyTorch forward
+hooks, activity regularizers, remat.
 What a direct call skips besides: input-spec checks and Keras' argument
 details in tracebacks.
 
@@ -40,14 +41,14 @@ def call_sublayer(parent, layer, *args, **kwargs):
     """`layer(*args, **kwargs)`, called from `parent.call`; on PyTorch
     outside autograd, `layer.call` (or `quantized_call` for a quantized
     layer) directly where that is the same (see the module docstring)."""
-    if _calls_directly(parent, layer, args):
+    if _calls_directly(parent, layer, args, kwargs):
         if getattr(layer, "quantization_mode", None) is not None:
             return layer.quantized_call(*args, **kwargs)
         return layer.call(*args, **kwargs)
     return layer(*args, **kwargs)
 
 
-def _calls_directly(parent, layer, args):
+def _calls_directly(parent, layer, args, kwargs):
     if keras.config.backend() != "torch":
         return False
     import torch
@@ -58,7 +59,7 @@ def _calls_directly(parent, layer, args):
     first = args[0] if args else None
     return (
         isinstance(first, torch.Tensor)
-        and keras.backend.standardize_dtype(first.dtype) == layer.input_dtype
+        and _floats_have_dtype(args, kwargs, layer.input_dtype)
         and layer.compute_dtype == parent.compute_dtype
         and layer.variable_dtype == parent.variable_dtype
         and _autocast_is_the_layers_own(layer)
@@ -68,6 +69,19 @@ def _calls_directly(parent, layer, args):
         and not module._global_forward_hooks
         and not module._global_forward_pre_hooks
     )
+
+
+def _floats_have_dtype(args, kwargs, dtype):
+    """Whether every floating tensor among the arguments (a KV cache
+    included) has `dtype`, as `Layer.__call__` would cast them."""
+    import torch
+
+    dtype = keras.backend.standardize_dtype(dtype)
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if keras.backend.standardize_dtype(value.dtype) != dtype:
+                return False
+    return True
 
 
 def _autocast_is_the_layers_own(layer):

@@ -88,8 +88,9 @@ def threaded_matmul(x, kernel, transposed=False):
     or `(N, K)` with `transposed`) where it measured faster (`onednn.beats_mkl`); else, for at most
     `MAX_ROWS` rows, one batched matmul over
     contiguous blocks of `kernel` (its rows, or the rows of the table it
-    transposes). On TensorFlow: one 2-D product of `x`'s rows. Elsewhere
-    `ops.matmul`. See the module docstring.
+    transposes). On TensorFlow: one 2-D product of `x`'s rows, or for
+    many rows times an output-first kernel a batched one
+    (`TENSORFLOW_BATCHED_ROWS`). Elsewhere `ops.matmul`. See the module docstring.
 
     Example:
 
@@ -191,7 +192,8 @@ def _tensorflow_product(transposed):
         rows, kernel = ops.convert_to_tensor(rows), ops.convert_to_tensor(kernel)
         dtype = keras.backend.result_type(rows.dtype, kernel.dtype)
         rows, kernel = ops.cast(rows, dtype), ops.cast(kernel, dtype)
-        if _tensorflow_batches(rows.shape[0], math.prod(kernel.shape)):
+        size = kernel.shape.num_elements()
+        if _tensorflow_batches(rows.shape[0], size):
             return tf.linalg.matmul(rows[None], kernel[None], adjoint_b=True)[0]
         return tf.linalg.matmul(rows, kernel, transpose_b=True)
 
@@ -205,6 +207,7 @@ def _tensorflow_batches(row_count, kernel_size):
         return True
     return (
         row_count >= TENSORFLOW_BATCHED_BIG_ROWS
+        and kernel_size is not None
         and kernel_size >= TENSORFLOW_BIG_KERNEL
     )
 

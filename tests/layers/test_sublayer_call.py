@@ -229,3 +229,40 @@ def test_generate_calls_the_blocks_directly_with_the_same_tokens(
     assert blocks_through_keras
     if keras.config.backend() == "torch":
         assert blocks_called == []
+
+
+def test_a_cache_of_another_dtype_goes_through_keras(keras_calls, monkeypatch):
+    """`Layer.__call__` casts a float32 cache for a bfloat16 block: a
+    direct call would not, so the block goes through Keras."""
+    layer = block("bfloat16")
+    x, _, _ = inputs()
+    row = ops.cast(x[:, :1], "bfloat16")
+    mask = ops.convert_to_tensor(np.ones((1, 1, 6), bool))
+    positions = ops.convert_to_tensor(np.array([[5]], "int32"))
+    cache = np.asarray(RNG.normal(size=(1, 2, 6, 1, 8)), "float32")
+
+    def step():
+        out, new_cache = call_sublayer(
+            layer,
+            layer,
+            row,
+            mask,
+            positions,
+            cache=ops.convert_to_tensor(cache.copy()),
+            cache_update_index=5,
+        )
+        return [
+            ops.convert_to_numpy(ops.cast(t, "float32"))
+            for t in (out, new_cache)
+        ] + [keras.backend.standardize_dtype(new_cache.dtype)]
+
+    with no_grad():
+        with monkeypatch.context() as keras_only:
+            keras_only.setattr(sublayer_call, "_calls_directly", lambda *_: False)
+            expected = step()
+        keras_calls.clear()
+        direct = step()
+    assert layer.name in keras_calls
+    np.testing.assert_array_equal(direct[0], expected[0])
+    np.testing.assert_array_equal(direct[1], expected[1])
+    assert direct[2] == expected[2] == "bfloat16"
