@@ -59,7 +59,8 @@ def _calls_directly(parent, layer, args, kwargs):
     first = args[0] if args else None
     return (
         isinstance(first, torch.Tensor)
-        and _floats_have_dtype(args, kwargs, layer.input_dtype)
+        and keras.backend.standardize_dtype(first.dtype) == layer.input_dtype
+        and _floats_have_dtype(args[1:], kwargs, layer.input_dtype)
         and layer.compute_dtype == parent.compute_dtype
         and layer.variable_dtype == parent.variable_dtype
         and _autocast_is_the_layers_own(layer)
@@ -76,7 +77,6 @@ def _floats_have_dtype(args, kwargs, dtype):
     included) has `dtype`, as `Layer.__call__` would cast them."""
     import torch
 
-    dtype = keras.backend.standardize_dtype(dtype)
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             if keras.backend.standardize_dtype(value.dtype) != dtype:

@@ -90,7 +90,8 @@ def threaded_matmul(x, kernel, transposed=False):
     contiguous blocks of `kernel` (its rows, or the rows of the table it
     transposes). On TensorFlow: one 2-D product of `x`'s rows, or for
     many rows times an output-first kernel a batched one
-    (`TENSORFLOW_BATCHED_ROWS`). Elsewhere `ops.matmul`. See the module docstring.
+    (`TENSORFLOW_BATCHED_ROWS`). Elsewhere `ops.matmul`. See the module
+    docstring.
 
     Example:
 
@@ -171,7 +172,7 @@ batched matmul of one batch (`adjoint_b`), and from
 `TENSORFLOW_BIG_KERNEL` elements. A row count unknown when the graph is
 traced (a serving signature's `None` batch) keeps the 2-D product, the
 faster one for a decode step. oneDNN's batched matmul reached 204
-GFLOP/s at 268 rows where the 2-D `transpose_b` one reached 192 (and 116
+GFLOP/s at 268 rows where the 2-D `transpose_b` one reached 192 (and 143
 for the FFW's `down`: 56 against 80 ms); the FFW kernels times 4-64 rows
 took 0.3-0.8x the 2-D product's time. One or two rows, and the smaller
 kernels at 4-8 rows, were faster in 2-D (one row times an FFW kernel: 2.5

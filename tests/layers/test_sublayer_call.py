@@ -122,13 +122,19 @@ def test_a_sublayer_of_another_compute_dtype_goes_through_keras(
     assert keras_calls == [other_dtype.name, unbuilt.name]
 
 
-def test_a_decode_step_with_a_cache_gives_the_same_outputs(monkeypatch):
-    layer = block()
+def decode_step_inputs():
+    """A row at position 5, its mask over 6 cache slots, and a float32
+    `(1, 2, 6, 1, 8)` cache as numpy (each step copies it)."""
     x, _, _ = inputs()
-    row = x[:, :1]
     mask = ops.convert_to_tensor(np.ones((1, 1, 6), bool))
     positions = ops.convert_to_tensor(np.array([[5]], "int32"))
     cache = np.asarray(RNG.normal(size=(1, 2, 6, 1, 8)), "float32")
+    return x[:, :1], mask, positions, cache
+
+
+def test_a_decode_step_with_a_cache_gives_the_same_outputs(monkeypatch):
+    layer = block()
+    row, mask, positions, cache = decode_step_inputs()
 
     def step():
         out, new_cache = layer(
@@ -235,11 +241,8 @@ def test_a_cache_of_another_dtype_goes_through_keras(keras_calls, monkeypatch):
     """`Layer.__call__` casts a float32 cache for a bfloat16 block: a
     direct call would not, so the block goes through Keras."""
     layer = block("bfloat16")
-    x, _, _ = inputs()
-    row = ops.cast(x[:, :1], "bfloat16")
-    mask = ops.convert_to_tensor(np.ones((1, 1, 6), bool))
-    positions = ops.convert_to_tensor(np.array([[5]], "int32"))
-    cache = np.asarray(RNG.normal(size=(1, 2, 6, 1, 8)), "float32")
+    row, mask, positions, cache = decode_step_inputs()
+    row = ops.cast(row, "bfloat16")
 
     def step():
         out, new_cache = call_sublayer(
