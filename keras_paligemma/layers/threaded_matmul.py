@@ -57,6 +57,7 @@ from keras import ops
 
 from keras_paligemma.layers import eager_ops
 from keras_paligemma.layers import onednn
+from keras_paligemma.layers import xla_few_rows
 from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.row_product import table_rows_product
 
@@ -159,10 +160,23 @@ def dense_product(x, kernel, transposed=False):
     """`ops.matmul(x, kernel)`, or `x @ kernel.T` when `transposed`: an
     einsum over both last axes (on JAX one `dot_general` that reads the
     kernel in place; `matmul(x, transpose(kernel))` was fused by XLA:CPU
-    into an element loop when it followed a normalization)."""
-    if transposed:
-        return ops.einsum("...k,nk->...n", x, kernel)
-    return ops.matmul(x, kernel)
+    into an element loop when it followed a normalization). On JAX's CPU,
+    a few rows times an output-first kernel take `xla_few_rows`' fused
+    loop, which reads the kernel once."""
+    if not transposed:
+        return ops.matmul(x, kernel)
+    if keras.config.backend() == "jax" and platform() == "cpu":
+        leading = tuple(x.shape[:-1])
+        # Symbolic while Keras infers output shapes: those keep the einsum.
+        known = all(isinstance(size, int) for size in leading)
+        rows = math.prod(leading) if known else None
+        dtype = keras.backend.result_type(x.dtype, kernel.dtype)
+        if xla_few_rows.applies(rows, dtype):
+            flat = ops.reshape(x, (rows, x.shape[-1]))
+            kernel = ops.convert_to_tensor(kernel)
+            out = xla_few_rows.few_rows_product(flat, kernel)
+            return ops.reshape(out, (*leading, kernel.shape[0]))
+    return ops.einsum("...k,nk->...n", x, kernel)
 
 
 TENSORFLOW_BATCHED_ROWS = 16

@@ -121,7 +121,8 @@ def test_tied_table_product_after_the_final_norm_is_a_dot(dtype):
     """The final norm, then the logits of one row, compiled, as a decode
     step runs them: with Keras' `matmul(x, transpose(table))` XLA:CPU
     fused all three into one loop (2.4 GB of table read at ~0.8x the
-    machine's rate); ours stays a plain dot, with Keras' logits."""
+    machine's rate); ours stays a plain dot (in bfloat16 `xla_few_rows`'
+    loop, no dot at all), with Keras' logits."""
     import jax
 
     from keras_paligemma.layers.rms_norm import RMSNormalization
