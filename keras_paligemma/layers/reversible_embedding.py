@@ -10,9 +10,10 @@ that product on CPU with one per backend that converts a bounded chunk
 of the table at a time: `int8_matmul_by_blocks` (PyTorch),
 `int8_matmul_jax.int8_matmul` and `int8_matmul_tf.int8_table_matmul`.
 
-Its float projection uses `threaded_matmul` on PyTorch, and on JAX one
-einsum over the table's rows (Keras' `matmul(x, transpose(table))` was
-loop-fused by XLA:CPU, see `call`). On TensorFlow CPU, where
+Its float projection uses `threaded_matmul` on PyTorch, and on JAX
+`dense_product`: one einsum over the table's rows (Keras' `matmul(x,
+transpose(table))` was loop-fused by XLA:CPU, see `call`), or on CPU, for
+a few rows, `xla_few_rows`' loop. On TensorFlow CPU, where
 Keras runs `generate` as a graph without XLA, the tied table's float
 product is compiled by XLA alone (`xla_table_matmul`): a decode step of
 the 4-layer benchmark config took 110 against 122 ms with TensorFlow's
@@ -89,8 +90,8 @@ def xla_table_matmul(x, table):
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` whose reverse projection (hidden
-    states to logits) uses `threaded_matmul` (one einsum with a tied table
-    on JAX), and, when int8-quantized
+    states to logits) uses `threaded_matmul` (`dense_product` with a tied
+    table on JAX), and, when int8-quantized
     with tied weights, on CPU, a product per backend that never copies
     the table (see the module docstring).
 

@@ -43,9 +43,12 @@ matmul of one batch (`TENSORFLOW_BATCHED_ROWS`), which took the time to
 first token of the same config from 1061-1070 to 927-928 ms (keras-hub:
 979-1002).
 
+On JAX, `dense_product` multiplies: on CPU a few rows times an
+output-first kernel as `xla_few_rows`' fused loop, else one einsum.
+
 Results equal `x @ kernel` (or `x @ kernel.T` for output-first kernels)
-to float rounding. Other backends and devices,
-and other products, take the ordinary path.
+to float rounding. Other devices and other products take the ordinary
+path.
 
 The dense layers that use these products are in `threaded_dense.py`.
 """
@@ -167,7 +170,8 @@ def dense_product(x, kernel, transposed=False):
         return ops.matmul(x, kernel)
     if keras.config.backend() == "jax" and platform() == "cpu":
         leading = tuple(x.shape[:-1])
-        # Symbolic while Keras infers output shapes: those keep the einsum.
+        # Sizes may be symbolic while Keras infers output shapes: those
+        # keep the einsum.
         known = all(isinstance(size, int) for size in leading)
         rows = math.prod(leading) if known else None
         dtype = keras.backend.result_type(x.dtype, kernel.dtype)

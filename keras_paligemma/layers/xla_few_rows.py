@@ -26,15 +26,22 @@ one `optimization_barrier` first, which keeps each product's broadcast
 its own (7.5 ms for gate and up, against 12.5 for the `dot`s) and
 computes the rows once, not in the loop.
 
-These are XLA:CPU's fusions in jaxlib 0.10 (its reductions run as YNNPACK
-fusions); older jaxlibs (`MIN_JAXLIB`) keep the `dot`.
+This needs XLA:CPU to fuse the reduction (in jaxlib 0.10 a YNNPACK
+fusion); without it (`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`,
+older or future jaxlibs) XLA writes the whole `(N, rows, K)` product out:
+FFW gate times 8 rows took 211 against 15 ms for the `dot`. So `applies`
+compiles a small loop once per process and dtype and takes it only if
+its scratch memory stayed far below that product (`fuses`). float16 is
+left to the `dot`: XLA wrote a float32 copy of the kernel first.
 
 One float32 row stays a `dot` (the loop took 12.9 s for the table: XLA
-lowers a one-row reduction otherwise); one 16-bit row is repeated to two.
-The loop accumulates in float32 and rounds to the result dtype once, as
-the `dot` does; the sums run in another order, so results equal the
-`dot`'s to float rounding. Gradients are the usual two products
-(`jax.custom_vjp`): the loop is for inference-sized row counts.
+lowers a one-row reduction otherwise); one bfloat16 row is repeated to
+two. The loop accumulates in float32 and rounds to the result dtype once,
+as the `dot` does; the sums run in another order, so results equal the
+`dot`'s to float rounding. It is compiled on its own (`jax.jit`), so an
+eager call, too, never builds the product. Derivatives are the usual
+products (`jax.custom_jvp`, with symbolic zeros for an operand that is
+not differentiated): the loop is for inference-sized row counts.
 
 Example:
 
@@ -50,61 +57,82 @@ MAX_ROWS = 64
 """Most rows the fused loop takes: at 64 it took 0.87x the `dot`'s time,
 close enough that more rows (not measured) keep the `dot`."""
 
-MIN_JAXLIB = (0, 10)
-"""The jaxlib (major, minor) the loop was measured faster with."""
-
-
-def jaxlib_version():
-    """The installed jaxlib's `(major, minor)`."""
-    import jaxlib
-
-    major, minor = jaxlib.__version__.split(".")[:2]
-    return int(major), int(minor)
+DTYPES = ("float32", "bfloat16")
+"""Result dtypes the loop was measured faster in."""
 
 
 def applies(rows, dtype):
-    """Whether `rows` rows of `dtype` (floating, on JAX's CPU) take the
-    fused loop: 2 to `MAX_ROWS` float32 rows, 1 to `MAX_ROWS` 16-bit
-    ones, with jaxlib `MIN_JAXLIB` or newer; float64 and other dtypes
-    keep the `dot`."""
-    if rows is None or rows > MAX_ROWS or jaxlib_version() < MIN_JAXLIB:
+    """Whether `rows` rows with result `dtype`, on JAX's CPU, take the
+    fused loop: 2 to `MAX_ROWS` float32 rows or 1 to `MAX_ROWS` bfloat16
+    ones, where XLA fuses it (`fuses`)."""
+    dtype = str(dtype)
+    if rows is None or rows > MAX_ROWS or dtype not in DTYPES:
         return False
-    if str(dtype) == "float32":
-        return rows >= 2
-    return str(dtype) in ("bfloat16", "float16") and rows >= 1
+    return rows >= (2 if dtype == "float32" else 1) and fuses(dtype)
+
+
+FUSED_SCRATCH = 1 / 16
+"""`fuses` accepts scratch memory below this fraction of the product."""
+
+
+@functools.cache
+def fuses(dtype):
+    """Whether XLA compiles the loop over 8 rows of `dtype` and a `(4096,
+    512)` table without writing out the `(4096, 8, 512)` float32 product
+    (its scratch memory is below `FUSED_SCRATCH` of that); once per
+    process and dtype, in about 0.1 s."""
+    import jax
+
+    rows, size, depth = 8, 4096, 512
+    x = jax.ShapeDtypeStruct((rows, depth), dtype)
+    table = jax.ShapeDtypeStruct((size, depth), dtype)
+    analysis = jax.jit(_loop).lower(x, table).compile().memory_analysis()
+    if analysis is None:  # not reported: assume the worst
+        return False
+    return analysis.temp_size_in_bytes < FUSED_SCRATCH * size * rows * depth * 4
+
+
+def _loop(x, table):
+    """The fused loop: `x @ table.T`, table rows outermost."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.result_type(x, table)
+    x, table = jax.lax.optimization_barrier((x, table))
+    rows = x.shape[0]
+    if rows == 1:
+        x = jnp.concatenate([x, x])
+    wide = table[:, None, :].astype("float32") * x[None].astype("float32")
+    return jnp.sum(wide, axis=-1).T[:rows].astype(dtype)
 
 
 @functools.cache
 def _product():
     import jax
     import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero
 
-    def loop(x, table):
-        dtype = jnp.result_type(x, table)
-        x, table = jax.lax.optimization_barrier((x, table))
-        rows = x.shape[0]
-        if rows == 1:
-            x = jnp.concatenate([x, x])
-        products = table[:, None, :].astype("float32") * x[None].astype(
-            "float32"
-        )
-        out = jnp.sum(products, axis=-1).T[:rows]
-        return out.astype(dtype)
+    loop = jax.jit(_loop)
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def product(x, table):
         return loop(x, table)
 
-    def forward(x, table):
-        return loop(x, table), (x, table)
+    def derivative(primals, tangents):
+        x, table = primals
+        x_tangent, table_tangent = tangents
+        out = loop(x, table)
+        terms = [
+            jnp.einsum("rk,nk->rn", rows, kernel).astype(out.dtype)
+            for rows, kernel in ((x_tangent, table), (x, table_tangent))
+            if not isinstance(rows, SymbolicZero)
+            and not isinstance(kernel, SymbolicZero)
+        ]
+        if not terms:
+            return out, jnp.zeros(out.shape, out.dtype)
+        return out, sum(terms[1:], terms[0])
 
-    def backward(saved, grad):
-        x, table = saved
-        grad_x = jnp.einsum("rn,nk->rk", grad, table)
-        grad_table = jnp.einsum("rn,rk->nk", grad, x)
-        return grad_x.astype(x.dtype), grad_table.astype(table.dtype)
-
-    product.defvjp(forward, backward)
+    product.defjvp(derivative, symbolic_zeros=True)
     return product
 
 
