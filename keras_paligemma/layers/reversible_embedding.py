@@ -15,12 +15,21 @@ Its float projection uses `threaded_matmul` on PyTorch, and on JAX
 transpose(table))` was loop-fused by XLA:CPU, see `call`), or on CPU, for
 a few rows, `xla_few_rows`' loop. On TensorFlow CPU, where
 Keras runs `generate` as a graph without XLA, the tied table's float
-product is compiled by XLA alone (`xla_table_matmul`): a decode step of
-the 4-layer benchmark config took 110 against 122 ms with TensorFlow's
-own kernel (one process, interleaved, same tokens).
+product for one row, or a row count unknown when the graph is traced, is
+compiled by XLA alone (`xla_table_matmul`): a decode step of the 4-layer
+benchmark config took 110 against 122 ms with TensorFlow's own kernel
+(one process, interleaved, same tokens). For two or more rows XLA's
+product was the slow one: the table times 2-3 rows took 137-159 ms
+against 70-72 for oneDNN's 2-D `transpose_b` product (the table read
+at the machine's rate), and times 4-268 rows 1.0-1.4x the time of
+oneDNN's batched product (8 rows: 165 against 119 ms); in bfloat16 XLA
+took 4-5x oneDNN's time for 2-8 rows (a quarter of the table: 66-68
+against 13-17 ms). So those take `threaded_matmul`'s TensorFlow product,
+which picks between the two.
 """
 
 import functools
+import math
 
 import keras
 from keras import ops
@@ -88,6 +97,14 @@ def xla_table_matmul(x, table):
     return on_rows(_compiled_table_product(dtype), x, table)
 
 
+def _static_row_count(x):
+    """The number of rows of `x (..., K)` if its shape says, else None."""
+    leading = tuple(x.shape[:-1])
+    if all(isinstance(size, int) for size in leading):
+        return math.prod(leading)
+    return None
+
+
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` whose reverse projection (hidden
     states to logits) uses `threaded_matmul` (`dense_product` with a tied
@@ -116,6 +133,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             and self.tie_weights
             and self.reverse_dtype is None
             and platform() == "cpu"
+            and _static_row_count(inputs) in (None, 1)
         ):
             return self._soft_cap(xla_table_matmul(inputs, self.embeddings))
         if self.tie_weights:
@@ -134,7 +152,11 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             # table's last axis directly compiles to a plain dot (or, for
             # a few rows, `xla_few_rows`' loop, which reads it once).
             logits = dense_product(inputs, weights, transposed=True)
+        elif self.tie_weights and backend == "tensorflow":
+            logits = threaded_matmul(inputs, weights, transposed=True)
         elif self.tie_weights:
+            # A transposed view, not `transposed=True`: PyTorch's table
+            # always takes oneDNN's product (see `threaded_matmul`).
             logits = threaded_matmul(inputs, ops.transpose(weights))
         else:
             logits = threaded_matmul(inputs, weights)

@@ -34,8 +34,9 @@ On TensorFlow (a graph without XLA on CPU-only machines, Keras' default
 there), oneDNN runs a 3-D `x` against a 2-D kernel as a batched matmul,
 which read this model's kernels at 17-19 GB/s against 24-32 for the
 same product with `x` flattened to a matrix of its rows; so
-`threaded_matmul` flattens it. With the tied table's product compiled by
-XLA as well (`reversible_embedding.xla_table_matmul`), a decode step of
+`threaded_matmul` flattens it. With the tied table's product for one row
+compiled by XLA as well (`reversible_embedding.xla_table_matmul`; two or
+more rows take the product here), a decode step of
 the 4-layer benchmark config took 110 against 134 ms with Keras' layers
 (122 with only the flattening; one process, interleaved, same tokens).
 Many rows times an output-first kernel go the other way: as a batched

@@ -1,5 +1,6 @@
-"""The tied table's float product: compiled by XLA on TensorFlow (and
-decoder products on a matrix of rows there), a plain dot on JAX."""
+"""The tied table's float product: compiled by XLA on TensorFlow for one
+row or an unknown row count, TensorFlow's own for more (and decoder
+products on a matrix of rows there), a plain dot on JAX."""
 
 import keras
 import numpy as np
@@ -56,6 +57,45 @@ def test_tied_table_product_is_compiled_and_equals_keras(dtype, monkeypatch):
     assert calls == [(300, 64)]
     assert out.dtype == expected.dtype and tuple(out.shape) == (2, 3, 300)
     tolerance = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(tf.cast(out, "float32")),
+        np.asarray(tf.cast(expected, "float32")),
+        atol=tolerance,
+    )
+
+
+@tensorflow_only
+@pytest.mark.parametrize(
+    "dtype, shape, compiled",
+    [
+        ("float32", (1, 1, 64), True),  # one decode row: XLA's dot
+        ("float32", (2, 1, 64), False),  # oneDNN read the table 2x faster
+        ("float32", (8, 1, 64), False),
+        ("bfloat16", (8, 1, 64), False),
+        ("mixed_bfloat16", (8, 1, 64), False),
+    ],
+)
+def test_tied_table_product_for_known_rows(dtype, shape, compiled, monkeypatch):
+    """A graph traced for a known row count (as a decode step at a fixed
+    batch size): one row goes to XLA, two or more rows take TensorFlow's
+    own product. Same logits as Keras'."""
+    import tensorflow as tf
+
+    calls = spy_on_xla_product(monkeypatch)
+    layer = embedding(dtype)
+    keras_layer = embedding(dtype, keras.layers.ReversibleEmbedding)
+    keras_layer.embeddings.assign(layer.embeddings)
+    spec = tf.TensorSpec(shape, layer.compute_dtype)
+    ours = tf.function(lambda x: layer(x, reverse=True), input_signature=[spec])
+    graph = ours.get_concrete_function().graph
+    types = {op.type for op in graph.get_operations()}
+    theirs = tf.function(lambda x: keras_layer(x, reverse=True))
+    x = tf.cast(RNG.normal(size=shape).astype("float32"), layer.compute_dtype)
+    out, expected = ours(x), theirs(x)
+    assert calls == ([(300, 64)] if compiled else [])
+    assert compiled or types & {"MatMul", "BatchMatMulV2", "BatchMatMulV3"}
+    assert out.dtype == expected.dtype and tuple(out.shape) == (*shape[:2], 300)
+    tolerance = 1e-5 if dtype == "float32" else 2e-1
     np.testing.assert_allclose(
         np.asarray(tf.cast(out, "float32")),
         np.asarray(tf.cast(expected, "float32")),
