@@ -15,17 +15,17 @@ Its float projection uses `threaded_matmul` on PyTorch, and on JAX
 transpose(table))` was loop-fused by XLA:CPU, see `call`), or on CPU, for
 a few rows, `xla_few_rows`' loop. On TensorFlow CPU, where
 Keras runs `generate` as a graph without XLA, the tied table's float
-product for one row, or a row count unknown when the graph is traced, is
-compiled by XLA alone (`xla_table_matmul`): a decode step of the 4-layer
-benchmark config took 110 against 122 ms with TensorFlow's own kernel
-(one process, interleaved, same tokens). For two or more rows XLA's
-product was the slow one: the table times 2-3 rows took 137-159 ms
-against 70-72 for oneDNN's 2-D `transpose_b` product (the table read
-at the machine's rate), and times 4-268 rows 1.0-1.4x the time of
-oneDNN's batched product (8 rows: 165 against 119 ms); in bfloat16 XLA
-took 4-5x oneDNN's time for 2-8 rows (a quarter of the table: 66-68
-against 13-17 ms). So those take `threaded_matmul`'s TensorFlow product,
-which picks between the two.
+product for one row is compiled by XLA alone (`xla_table_matmul`): a
+decode step of the 4-layer benchmark config took 110 against 122 ms with
+TensorFlow's own kernel (one process, interleaved, same tokens). For a
+few rows XLA's product was the slow one: the table times 2-3 rows took
+137-159 ms against 70-72 for oneDNN's 2-D `transpose_b` product (which
+read the table at the machine's rate) and 89-92 for its batched one, and
+times 4-64 rows 1.1-1.4x the batched product's time (8 rows: 165 against
+119 ms; 268 rows: level); in bfloat16 XLA took 4-5x oneDNN's time for
+2-8 rows (a quarter of the table: 66-68 against 13-17 ms for either of
+oneDNN's products). So 2-64 rows take TensorFlow's products
+(`tensorflow_table_matmul`).
 """
 
 import functools
@@ -37,10 +37,12 @@ from keras import ops
 from keras_paligemma.layers.device import platform
 from keras_paligemma.layers.int8_matmul_jax import int8_matmul
 from keras_paligemma.layers.int8_matmul_tf import int8_table_matmul
+from keras_paligemma.layers.threaded_matmul import MAX_ROWS
 from keras_paligemma.layers.threaded_matmul import THREADED
 from keras_paligemma.layers.threaded_matmul import dense_product
 from keras_paligemma.layers.threaded_matmul import int8_product_is_ours
 from keras_paligemma.layers.threaded_matmul import on_rows
+from keras_paligemma.layers.threaded_matmul import tensorflow_batched_product
 from keras_paligemma.layers.threaded_matmul import threaded_matmul
 
 
@@ -97,6 +99,38 @@ def xla_table_matmul(x, table):
     return on_rows(_compiled_table_product(dtype), x, table)
 
 
+def tensorflow_table_matmul(x, table):
+    """`x @ table.T` for `x (..., K)` and the tied `table (N, K)` on
+    TensorFlow's CPU: 2 to `MAX_ROWS` rows take TensorFlow's own product
+    (`threaded_matmul`), other row counts XLA's (`xla_table_matmul`). A
+    row count unknown when the graph is traced (a serving signature's
+    `None` batch) is looked at when the graph runs, and 2 to `MAX_ROWS`
+    rows then take the batched product.
+
+    Example:
+
+    >>> table = np.ones((4, 3), "float32")
+    >>> for rows in (1, 2):
+    ...     x = np.ones((rows, 1, 3), "float32")
+    ...     print(np.asarray(tensorflow_table_matmul(x, table)).tolist())
+    [[[3.0, 3.0, 3.0, 3.0]]]
+    [[[3.0, 3.0, 3.0, 3.0]], [[3.0, 3.0, 3.0, 3.0]]]
+    """
+    import tensorflow as tf
+
+    rows = _static_row_count(x)
+    if rows is not None:
+        if 2 <= rows <= MAX_ROWS:
+            return threaded_matmul(x, table, transposed=True)
+        return xla_table_matmul(x, table)
+    count = tf.reduce_prod(tf.shape(x)[:-1])
+    return tf.cond(
+        (count >= 2) & (count <= MAX_ROWS),
+        lambda: on_rows(tensorflow_batched_product, x, table),
+        lambda: xla_table_matmul(x, table),
+    )
+
+
 def _static_row_count(x):
     """The number of rows of `x (..., K)` if its shape says, else None."""
     leading = tuple(x.shape[:-1])
@@ -133,9 +167,9 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             and self.tie_weights
             and self.reverse_dtype is None
             and platform() == "cpu"
-            and _static_row_count(inputs) in (None, 1)
         ):
-            return self._soft_cap(xla_table_matmul(inputs, self.embeddings))
+            logits = tensorflow_table_matmul(inputs, self.embeddings)
+            return self._soft_cap(logits)
         if self.tie_weights:
             weights = self.embeddings
         else:
@@ -152,11 +186,7 @@ class ReversibleEmbedding(keras.layers.ReversibleEmbedding):
             # table's last axis directly compiles to a plain dot (or, for
             # a few rows, `xla_few_rows`' loop, which reads it once).
             logits = dense_product(inputs, weights, transposed=True)
-        elif self.tie_weights and backend == "tensorflow":
-            logits = threaded_matmul(inputs, weights, transposed=True)
         elif self.tie_weights:
-            # A transposed view, not `transposed=True`: PyTorch's table
-            # always takes oneDNN's product (see `threaded_matmul`).
             logits = threaded_matmul(inputs, ops.transpose(weights))
         else:
             logits = threaded_matmul(inputs, weights)

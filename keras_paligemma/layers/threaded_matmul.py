@@ -35,8 +35,8 @@ there), oneDNN runs a 3-D `x` against a 2-D kernel as a batched matmul,
 which read this model's kernels at 17-19 GB/s against 24-32 for the
 same product with `x` flattened to a matrix of its rows; so
 `threaded_matmul` flattens it. With the tied table's product for one row
-compiled by XLA as well (`reversible_embedding.xla_table_matmul`; two or
-more rows take the product here), a decode step of
+compiled by XLA as well (`reversible_embedding.tensorflow_table_matmul`;
+2-64 rows take the product here), a decode step of
 the 4-layer benchmark config took 110 against 134 ms with Keras' layers
 (122 with only the flattening; one process, interleaved, same tokens).
 Many rows times an output-first kernel go the other way: as a batched
@@ -209,15 +209,30 @@ def _tensorflow_product(transposed):
     import tensorflow as tf
 
     def product(rows, kernel):
-        rows, kernel = ops.convert_to_tensor(rows), ops.convert_to_tensor(kernel)
-        dtype = keras.backend.result_type(rows.dtype, kernel.dtype)
-        rows, kernel = ops.cast(rows, dtype), ops.cast(kernel, dtype)
+        rows, kernel = _common_dtype(rows, kernel)
         size = kernel.shape.num_elements()
         if _tensorflow_batches(rows.shape[0], size):
-            return tf.linalg.matmul(rows[None], kernel[None], adjoint_b=True)[0]
+            return tensorflow_batched_product(rows, kernel)
         return tf.linalg.matmul(rows, kernel, transpose_b=True)
 
     return product
+
+
+def tensorflow_batched_product(rows, kernel):
+    """`rows @ kernel.T` for `rows (M, K)` and a `(N, K)` kernel on
+    TensorFlow, as oneDNN's batched matmul of one batch (see
+    `TENSORFLOW_BATCHED_ROWS`)."""
+    import tensorflow as tf
+
+    rows, kernel = _common_dtype(rows, kernel)
+    return tf.linalg.matmul(rows[None], kernel[None], adjoint_b=True)[0]
+
+
+def _common_dtype(rows, kernel):
+    """Both operands in the dtype `ops.matmul` would give the result."""
+    rows, kernel = ops.convert_to_tensor(rows), ops.convert_to_tensor(kernel)
+    dtype = keras.backend.result_type(rows.dtype, kernel.dtype)
+    return ops.cast(rows, dtype), ops.cast(kernel, dtype)
 
 
 def _tensorflow_batches(row_count, kernel_size):
