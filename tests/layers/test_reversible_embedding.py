@@ -125,7 +125,7 @@ def test_tied_table_product_for_known_rows(dtype, rows, product, monkeypatch):
 
 
 @tensorflow_only
-def test_tied_table_product_for_rows_counted_at_run_time(monkeypatch):
+def test_tied_table_product_for_rows_counted_at_run_time():
     """A serving signature's `None` batch: the graph holds both products
     and picks by the row count when it runs; Keras' logits for each."""
     import tensorflow as tf
@@ -165,6 +165,7 @@ def test_tied_table_gradients_equal_keras(rows):
         return tape.gradient(loss, [x, model.embeddings.value])
 
     for ours, theirs in zip(gradients(layer), gradients(keras_layer)):
+        assert ours is not None and theirs is not None
         np.testing.assert_allclose(
             np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=1e-4
         )
