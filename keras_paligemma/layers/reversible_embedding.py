@@ -29,7 +29,6 @@ oneDNN's products). So 2-64 rows take TensorFlow's products
 """
 
 import functools
-import math
 
 import keras
 from keras import ops
@@ -42,6 +41,7 @@ from keras_paligemma.layers.threaded_matmul import THREADED
 from keras_paligemma.layers.threaded_matmul import dense_product
 from keras_paligemma.layers.threaded_matmul import int8_product_is_ours
 from keras_paligemma.layers.threaded_matmul import on_rows
+from keras_paligemma.layers.threaded_matmul import static_row_count
 from keras_paligemma.layers.threaded_matmul import tensorflow_batched_product
 from keras_paligemma.layers.threaded_matmul import threaded_matmul
 
@@ -118,7 +118,7 @@ def tensorflow_table_matmul(x, table):
     """
     import tensorflow as tf
 
-    rows = _static_row_count(x)
+    rows = static_row_count(x)
     if rows is not None:
         if 2 <= rows <= MAX_ROWS:
             return threaded_matmul(x, table, transposed=True)
@@ -129,14 +129,6 @@ def tensorflow_table_matmul(x, table):
         lambda: on_rows(tensorflow_batched_product, x, table),
         lambda: xla_table_matmul(x, table),
     )
-
-
-def _static_row_count(x):
-    """The number of rows of `x (..., K)` if its shape says, else None."""
-    leading = tuple(x.shape[:-1])
-    if all(isinstance(size, int) for size in leading):
-        return math.prod(leading)
-    return None
 
 
 class ReversibleEmbedding(keras.layers.ReversibleEmbedding):

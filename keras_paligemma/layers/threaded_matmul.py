@@ -170,18 +170,25 @@ def dense_product(x, kernel, transposed=False):
     if not transposed:
         return ops.matmul(x, kernel)
     if keras.config.backend() == "jax" and platform() == "cpu":
-        leading = tuple(x.shape[:-1])
         # Sizes may be symbolic while Keras infers output shapes: those
         # keep the einsum.
-        known = all(isinstance(size, int) for size in leading)
-        rows = math.prod(leading) if known else None
+        rows = static_row_count(x)
         dtype = keras.backend.result_type(x.dtype, kernel.dtype)
         if xla_few_rows.applies(rows, dtype):
             flat = ops.reshape(x, (rows, x.shape[-1]))
             kernel = ops.convert_to_tensor(kernel)
             out = xla_few_rows.few_rows_product(flat, kernel)
-            return ops.reshape(out, (*leading, kernel.shape[0]))
+            return ops.reshape(out, (*x.shape[:-1], kernel.shape[0]))
     return ops.einsum("...k,nk->...n", x, kernel)
+
+
+def static_row_count(x):
+    """The number of rows of `x (..., K)` if its shape says, else None
+    (a size unknown when a graph is traced, or symbolic)."""
+    leading = tuple(x.shape[:-1])
+    if all(isinstance(size, int) for size in leading):
+        return math.prod(leading)
+    return None
 
 
 TENSORFLOW_BATCHED_ROWS = 16
@@ -209,10 +216,10 @@ def _tensorflow_product(transposed):
     import tensorflow as tf
 
     def product(rows, kernel):
-        rows, kernel = _common_dtype(rows, kernel)
-        size = kernel.shape.num_elements()
-        if _tensorflow_batches(rows.shape[0], size):
+        kernel = ops.convert_to_tensor(kernel)
+        if _tensorflow_batches(rows.shape[0], kernel.shape.num_elements()):
             return tensorflow_batched_product(rows, kernel)
+        rows, kernel = _common_dtype(rows, kernel)
         return tf.linalg.matmul(rows, kernel, transpose_b=True)
 
     return product

@@ -37,6 +37,14 @@ def embedding(dtype=None, layer_class=emb.ReversibleEmbedding):
     return layer
 
 
+def ours_and_keras(dtype=None):
+    """Our embedding and Keras' with the same table."""
+    layer = embedding(dtype)
+    keras_layer = embedding(dtype, keras.layers.ReversibleEmbedding)
+    keras_layer.embeddings.assign(layer.embeddings)
+    return layer, keras_layer
+
+
 @tensorflow_only
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
 def test_tied_table_product_is_compiled_and_equals_keras(dtype, monkeypatch):
@@ -45,9 +53,7 @@ def test_tied_table_product_is_compiled_and_equals_keras(dtype, monkeypatch):
     import tensorflow as tf
 
     calls = spy_on_xla_product(monkeypatch)
-    layer = embedding(dtype)
-    keras_layer = embedding(dtype, keras.layers.ReversibleEmbedding)
-    keras_layer.embeddings.assign(layer.embeddings)
+    layer, keras_layer = ours_and_keras(dtype)
     spec = tf.TensorSpec((None, None, 64), layer.compute_dtype)
     ours = tf.function(lambda x: layer(x, reverse=True), input_signature=[spec])
     theirs = tf.function(
@@ -97,9 +103,7 @@ def test_tied_table_product_for_known_rows(dtype, rows, product, monkeypatch):
 
     monkeypatch.setattr(tm, "TENSORFLOW_BIG_KERNEL", 300 * 64)
     calls = spy_on_xla_product(monkeypatch)
-    layer = embedding(dtype)
-    keras_layer = embedding(dtype, keras.layers.ReversibleEmbedding)
-    keras_layer.embeddings.assign(layer.embeddings)
+    layer, keras_layer = ours_and_keras(dtype)
     shape = (rows, 1, 64)
     spec = tf.TensorSpec(shape, layer.compute_dtype)
     ours = tf.function(lambda x: layer(x, reverse=True))
@@ -130,9 +134,7 @@ def test_tied_table_product_for_rows_counted_at_run_time():
     and picks by the row count when it runs; Keras' logits for each."""
     import tensorflow as tf
 
-    layer = embedding()
-    keras_layer = embedding(layer_class=keras.layers.ReversibleEmbedding)
-    keras_layer.embeddings.assign(layer.embeddings)
+    layer, keras_layer = ours_and_keras()
     ours = tf.function(lambda x: layer(x, reverse=True))
     spec = tf.TensorSpec((None, 1, 64), "float32")
     assert op_types(ours, spec) & {"If", "StatelessIf"}
@@ -152,9 +154,7 @@ def test_tied_table_gradients_equal_keras(rows):
     row) and TensorFlow's (8 rows)."""
     import tensorflow as tf
 
-    layer = embedding()
-    keras_layer = embedding(layer_class=keras.layers.ReversibleEmbedding)
-    keras_layer.embeddings.assign(layer.embeddings)
+    layer, keras_layer = ours_and_keras()
     x = tf.constant(RNG.normal(size=(rows, 1, 64)).astype("float32"))
     weights = RNG.normal(size=(rows, 1, 300)).astype("float32")
 
