@@ -30,6 +30,7 @@ MODULES = [
     "keras_paligemma.models.preprocessor",
     "keras_paligemma.models.causal_lm",
     "keras_paligemma.models.fine_tuning",
+    "keras_paligemma.models.fit_inputs",
     "keras_paligemma.models.kernel_layout_config",
     "keras_paligemma.models.generate_compile",
     "keras_paligemma.models.layout_map",
