@@ -8,25 +8,34 @@ import pytest
 
 from conftest import TINY_PRESET
 from keras_paligemma import PaliGemmaCausalLM
-from keras_paligemma.models.fit_inputs import shuffled_batches
+from keras_paligemma.models.fit_inputs import _examples
+from keras_paligemma.models.fit_inputs import batches
 
 EXAMPLES = 6
 
 
-def examples():
-    """Six examples; example `i`'s image is the constant `10 * i`."""
+def examples(count=EXAMPLES, start=0):
+    """Example `i`'s image is the constant `10 * i`, its size varies."""
     return {
-        "images": np.stack(
-            [np.full((32, 32, 3), 10 * i, "uint8") for i in range(EXAMPLES)]
-        ),
-        "prompts": ["caption en"] * EXAMPLES,
-        "responses": [f"answer {i}" for i in range(EXAMPLES)],
+        "images": [
+            np.full((32 + i, 40 - i, 3), 10 * i, "uint8")
+            for i in range(start, start + count)
+        ],
+        "prompts": ["caption en"] * count,
+        "responses": [f"answer {i}" for i in range(start, start + count)],
     }
 
 
+def image_ids(batch):
+    """The examples of a preprocessed batch, from their images' pixels
+    (`10 * i`, scaled to [-1, 1])."""
+    pixels = keras.ops.convert_to_numpy(batch[0]["images"])[:, 0, 0, 0]
+    return [int(i) for i in np.rint((pixels + 1) * 127.5 / 10)]
+
+
 def fit_order(**fit_kwargs):
-    """The examples each training step got, one list per epoch, and the
-    warnings `fit` raised."""
+    """The examples each training step got, one list per epoch, the
+    examples of each validation batch, the history and `fit`'s warnings."""
     keras.utils.set_random_seed(0)
     causal_lm = PaliGemmaCausalLM.from_preset(TINY_PRESET)
     causal_lm.preprocessor.sequence_length = 16
@@ -35,26 +44,30 @@ def fit_order(**fit_kwargs):
         optimizer="sgd",
         run_eagerly=True,  # So the steps see the batches' values.
     )
-    seen = []
-    train_step = causal_lm.train_step
+    seen, validated = [], []
+    train_step, test_step = causal_lm.train_step, causal_lm.test_step
 
-    def recording_step(*args):  # JAX passes `(state, data)`.
-        pixels = keras.ops.convert_to_numpy(args[-1][0]["images"])[:, 0, 0, 0]
-        # Pixel 10 * i, scaled to [-1, 1].
-        seen.extend(int(i) for i in np.rint((pixels + 1) * 127.5 / 10))
+    def recording_train_step(*args):  # JAX passes `(state, data)`.
+        seen.extend(image_ids(args[-1]))
         return train_step(*args)
 
-    causal_lm.train_step = recording_step
+    def recording_test_step(*args):
+        validated.append(image_ids(args[-1]))
+        return test_step(*args)
+
+    causal_lm.train_step = recording_train_step
+    causal_lm.test_step = recording_test_step
+    fit_kwargs = {"x": examples(), "batch_size": 2, **fit_kwargs}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = causal_lm.fit(examples(), batch_size=2, verbose=0, **fit_kwargs)
+        history = causal_lm.fit(verbose=0, **fit_kwargs)
     per_epoch = len(seen) // fit_kwargs.get("epochs", 1)
     epochs = [seen[i : i + per_epoch] for i in range(0, len(seen), per_epoch)]
-    return epochs, history, [str(w.message) for w in caught]
+    return epochs, validated, history, [str(w.message) for w in caught]
 
 
 def test_fit_shuffles_in_memory_examples_at_every_epoch():
-    epochs, history, caught = fit_order(epochs=3)
+    epochs, _, history, caught = fit_order(epochs=3)
     assert [sorted(order) for order in epochs] == [list(range(EXAMPLES))] * 3
     assert len({tuple(order) for order in epochs}) > 1, epochs
     assert not any("shuffle" in message for message in caught), caught
@@ -62,14 +75,39 @@ def test_fit_shuffles_in_memory_examples_at_every_epoch():
 
 
 def test_fit_keeps_the_order_when_shuffle_is_false():
-    epochs, _, _ = fit_order(epochs=2, shuffle=False)
+    epochs, _, _, _ = fit_order(epochs=2, shuffle=False)
     assert epochs == [list(range(EXAMPLES))] * 2
 
 
-def test_validation_split_holds_out_the_last_examples_before_shuffling():
-    epochs, history, _ = fit_order(epochs=2, validation_split=0.5)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_validation_split_holds_out_the_last_examples(shuffle):
+    epochs, validated, history, _ = fit_order(
+        epochs=2, validation_split=0.5, shuffle=shuffle
+    )
     assert [sorted(order) for order in epochs] == [[0, 1, 2]] * 2
+    # In order, in batches of `batch_size`, once per epoch.
+    assert validated == [[3, 4], [5]] * 2
     assert np.all(np.isfinite(history.history["val_loss"]))
+
+
+def test_validation_data_of_mixed_image_sizes_in_batches_of_its_size():
+    _, validated, history, _ = fit_order(
+        validation_data=examples(count=3, start=6), validation_batch_size=1
+    )
+    assert validated == [[6], [7], [8]]
+    assert np.all(np.isfinite(history.history["val_loss"]))
+
+
+def test_generators_take_raw_validation_data():
+    def raw_batches():
+        while True:
+            yield examples(count=2)
+
+    _, validated, _, _ = fit_order(
+        x=raw_batches(), steps_per_epoch=2,
+        validation_data=examples(count=3, start=6),
+    )
+    assert sorted(sum(validated, [])) == [6, 7, 8]
 
 
 @pytest.mark.parametrize("validation_split", [1.0, -0.1, 0.9])
@@ -92,13 +130,13 @@ def test_shuffled_batches_cover_every_example_once_per_pass():
     keras.utils.set_random_seed(1)
     data = ({"ids": np.arange(10), "text": np.array(list("abcdefghij"))},
             np.arange(10) * 2)
-    dataset = shuffled_batches(data, batch_size=4)
+    dataset = batches(data, batch_size=4, shuffled=True)
     passes = []
     for _ in range(3):
-        batches = list(dataset)
-        assert [len(y) for _, y in batches] == [4, 4, 2]
-        ids = np.concatenate([x["ids"] for x, _ in batches])
-        for x, y in batches:  # The rows of every array stay together.
+        one_pass = list(dataset)
+        assert [len(y) for _, y in one_pass] == [4, 4, 2]
+        ids = np.concatenate([x["ids"] for x, _ in one_pass])
+        for x, y in one_pass:  # The rows of every array stay together.
             np.testing.assert_array_equal(y, np.asarray(x["ids"]) * 2)
             assert [t.decode() for t in np.asarray(x["text"])] == [
                 "abcdefghij"[i] for i in np.asarray(x["ids"])
@@ -109,12 +147,27 @@ def test_shuffled_batches_cover_every_example_once_per_pass():
 
 
 def test_inputs_that_are_not_one_array_each_go_to_keras_hub_as_given():
-    from keras_paligemma.models.fit_inputs import _examples
+    import tensorflow as tf
 
     ragged = {"images": [np.zeros((2, 4, 4, 3)), np.zeros((1, 4, 4, 3))],
               "prompts": ["a", "b"]}
     assert _examples(ragged, None, None) is None
     assert _examples({"prompts": ["a", object()]}, None, None) is None
-    x, y, weights = _examples({"prompts": ("a", "b")}, [1, 2], [0.5, 1.0])
-    assert x["prompts"].tolist() == ["a", "b"] and y.tolist() == [1, 2]
-    assert weights.tolist() == [0.5, 1.0]
+    assert _examples({"ids": tf.ragged.constant([[1, 2], [3]])}, None, None) is None
+    assert _examples({"prompts": "a"}, None, None) is None
+
+
+def test_examples_keep_tf_data_structure_and_types():
+    x, y, weights = _examples(
+        {"prompts": ["a", "a much longer prompt"], "ids": np.arange(2)},
+        ([1, 2], [3, 4]),
+        [0.5, 1.0],
+    )
+    # Strings as Python objects, not at the longest one's width.
+    assert x["prompts"].dtype == object
+    assert x["prompts"].tolist() == ["a", "a much longer prompt"]
+    assert x["ids"].dtype == np.arange(2).dtype  # Arrays keep theirs.
+    assert isinstance(y, tuple) and [a.tolist() for a in y] == [[1, 2], [3, 4]]
+    assert y[0].dtype == "int32" and weights.dtype == "float32"
+    first = next(iter(batches((x, y, weights), batch_size=1)))
+    assert first[0]["prompts"].numpy().tolist() == [b"a"]
