@@ -46,8 +46,8 @@ class FitInputs:
     ):
         if _is_iterator(x):
             return keras.Model.fit(
-                self, self._preprocessed(x), y, sample_weight=sample_weight,
-                validation_split=validation_split,
+                self, self._preprocessed(x), y, batch_size=batch_size,
+                sample_weight=sample_weight, validation_split=validation_split,
                 validation_data=self._preprocessed_validation(validation_data),
                 shuffle=shuffle, **kwargs
             )
@@ -64,7 +64,9 @@ class FitInputs:
             examples, validation = _split(examples, validation_split)
         else:
             validation_data = self._rectangular_validation(validation_data)
-            validation = _examples(*_unpacked(validation_data))
+            validation = _examples(
+                *keras.utils.unpack_x_y_sample_weight(validation_data)
+            )
         validation_batch_size = kwargs.pop("validation_batch_size", None)
         if validation is not None:
             validation_data = batches(
@@ -100,9 +102,9 @@ class FitInputs:
         return data
 
     def _rectangular_validation(self, data):
-        """`validation_data` (`x`, or a tuple starting with `x`) with
-        `x`'s list of images resized (`_rectangular`)."""
-        if isinstance(data, tuple) and data:
+        """`validation_data` (`x`, or a tuple or list starting with `x`)
+        with `x`'s list of images resized (`_rectangular`)."""
+        if isinstance(data, (tuple, list)) and data:
             return (self._rectangular(data[0]), *data[1:])
         return self._rectangular(data)
 
@@ -184,12 +186,6 @@ def _example_count(examples):
     return counts.pop()
 
 
-def _unpacked(data):
-    """`(x, y, sample_weight)` of `validation_data`."""
-    data = data if isinstance(data, tuple) else (data,)
-    return (*data, None, None)[:3]
-
-
 def _examples(x, y, sample_weight):
     """`(x, y, sample_weight)` packed as Keras does, as numpy arrays of
     examples; None unless `x` is a dict of arrays, lists or tensors with
@@ -223,12 +219,16 @@ def _arrays(value):
         return tuple(_arrays(item) for item in value)
     if isinstance(value, dict):
         return {key: _arrays(item) for key, item in value.items()}
-    if hasattr(value, "to_tensor"):  # Ragged or sparse.
+    import tensorflow as tf
+
+    if isinstance(value, (tf.RaggedTensor, tf.SparseTensor)):
         raise TypeError(f"Not a rectangular array: {type(value)}")
     if isinstance(value, np.ndarray):
         return value
     if keras.ops.is_tensor(value):
         return keras.ops.convert_to_numpy(value)
+    if isinstance(value, tf.Tensor):  # Under another backend.
+        return value.numpy()
     if not isinstance(value, list):
         raise TypeError(f"Not an array of examples: {type(value)}")
     array = np.asarray(value)

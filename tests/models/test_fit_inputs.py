@@ -33,12 +33,19 @@ def image_ids(batch):
     return [int(i) for i in np.rint((pixels + 1) * 127.5 / 10)]
 
 
-def fit_order(**fit_kwargs):
+def fit_order(without_preprocessor=False, **fit_kwargs):
     """The examples each training step got, one list per epoch, the
-    examples of each validation batch, the history and `fit`'s warnings."""
+    examples of each validation batch, the history and `fit`'s warnings.
+    `without_preprocessor`: a causal LM without one, given the examples
+    preprocessed as `x`, `y` and `sample_weight`."""
     keras.utils.set_random_seed(0)
     causal_lm = PaliGemmaCausalLM.from_preset(TINY_PRESET)
     causal_lm.preprocessor.sequence_length = 16
+    fit_kwargs = {"x": examples(), "batch_size": 2, **fit_kwargs}
+    if without_preprocessor:
+        x, y, weights = causal_lm.preprocessor(fit_kwargs["x"])
+        fit_kwargs.update(x=x, y=y, sample_weight=weights)
+        causal_lm = PaliGemmaCausalLM(causal_lm.backbone, preprocessor=None)
     causal_lm.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         optimizer="sgd",
@@ -57,7 +64,6 @@ def fit_order(**fit_kwargs):
 
     causal_lm.train_step = recording_train_step
     causal_lm.test_step = recording_test_step
-    fit_kwargs = {"x": examples(), "batch_size": 2, **fit_kwargs}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = causal_lm.fit(verbose=0, **fit_kwargs)
@@ -72,6 +78,17 @@ def test_fit_shuffles_in_memory_examples_at_every_epoch():
     assert len({tuple(order) for order in epochs}) > 1, epochs
     assert not any("shuffle" in message for message in caught), caught
     assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_fit_shuffles_preprocessed_arrays_with_targets_and_weights():
+    epochs, validated, history, _ = fit_order(
+        without_preprocessor=True, epochs=6, validation_split=0.35
+    )
+    # Three examples: six epochs, so that equal orders are unlikely.
+    assert [sorted(order) for order in epochs] == [[0, 1, 2]] * 6
+    assert len({tuple(order) for order in epochs}) > 1, epochs
+    assert validated == [[3, 4], [5]] * 6
+    assert np.all(np.isfinite(history.history["val_loss"]))
 
 
 def test_fit_keeps_the_order_when_shuffle_is_false():
@@ -96,6 +113,8 @@ def test_validation_data_of_mixed_image_sizes_in_batches_of_its_size():
     )
     assert validated == [[6], [7], [8]]
     assert np.all(np.isfinite(history.history["val_loss"]))
+    _, validated, _, _ = fit_order(validation_data=[examples(3, start=6)])
+    assert validated == [[6, 7], [8]]  # `batch_size`, from a list too.
 
 
 def test_generators_take_raw_validation_data():
@@ -107,7 +126,7 @@ def test_generators_take_raw_validation_data():
         x=raw_batches(), steps_per_epoch=2,
         validation_data=examples(count=3, start=6),
     )
-    assert sorted(sum(validated, [])) == [6, 7, 8]
+    assert validated == [[6, 7], [8]]  # In batches of `batch_size`.
 
 
 @pytest.mark.parametrize("validation_split", [1.0, -0.1, 0.9])
