@@ -67,13 +67,14 @@ class FitInputs:
             validation = _examples(
                 *keras.utils.unpack_x_y_sample_weight(validation_data)
             )
+        batch_size = batch_size or 32  # Keras' default.
         validation_batch_size = kwargs.pop("validation_batch_size", None)
         if validation is not None:
             validation_data = batches(
-                validation, validation_batch_size or batch_size or 32
+                validation, validation_batch_size or batch_size
             )
         return super().fit(
-            batches(examples, batch_size or 32, shuffled=bool(shuffle)),
+            batches(examples, batch_size, shuffled=bool(shuffle)),
             validation_data=validation_data,
             shuffle=False,  # Done here; Keras would warn about a dataset.
             **kwargs,
@@ -104,9 +105,10 @@ class FitInputs:
     def _rectangular_validation(self, data):
         """`validation_data` (`x`, or a tuple or list starting with `x`)
         with `x`'s list of images resized (`_rectangular`)."""
-        if isinstance(data, (tuple, list)) and data:
-            return (self._rectangular(data[0]), *data[1:])
-        return self._rectangular(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return keras.utils.pack_x_y_sample_weight(
+            self._rectangular(x), y, sample_weight
+        )
 
     def _rectangular(self, x):
         """`x` with a list of single images resized to one array."""
