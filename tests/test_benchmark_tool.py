@@ -51,7 +51,8 @@ def test_small_benchmark_runs_and_agrees_with_its_peers(tmp_path):
     assert questions["questions"] == 3 and questions["tokens_equal"]
     assert questions["shared_ttft_ms"] > 0 and questions["repeated_ttft_ms"] > 0
     for row in rows.values():
-        for key in ("prefill_ms", "ttft_ms", "peak_rss_mb"):
+        for key in ("prefill_ms", "ttft_ms", "first_of_new_tokens_ms",
+                    "peak_rss_mb"):
             assert row[key] > 0
         assert math.isfinite(row["decode_ms_per_token"])
         # One repeat: its decode time, with the read rate around it.
@@ -95,3 +96,24 @@ def test_benchmark_helpers_examples(monkeypatch):
     for name in ("benchmark_measure", "benchmark_report"):
         result = doctest.testmod(importlib.import_module(name))
         assert result.attempted > 0 and result.failed == 0, name
+
+
+def test_first_token_stops_after_one_token_with_room_for_more(monkeypatch):
+    """Decode is timed as N tokens less their first: the first with the
+    same buffer (so the same prefill width), stopped after one token."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "tools"))
+    benchmark = importlib.import_module("benchmark")
+    backbone = benchmark.random_backbone(benchmark.SMALL, 0)
+    images, prompts = benchmark.random_inputs(backbone, 2, 12, 0)
+    runners = [
+        benchmark.KerasRunner("ours", benchmark.PaliGemmaCausalLM(backbone)),
+        benchmark.KerasRunner(
+            "keras_hub", benchmark.keras_hub_causal_lm(backbone)),
+    ]
+    for runner in runners:
+        full = runner.generate(images, prompts, 5)
+        first = runner.first_token(images, prompts, 5, full[:, 0])
+        assert first.shape == full.shape, runner.name
+        assert (first[:, 0] == full[:, 0]).all(), runner.name
+        assert (full[:, 1:] != 0).any() and (first[:, 1:] == 0).all(), (
+            runner.name)

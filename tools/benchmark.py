@@ -9,7 +9,13 @@ greedy decoding without stop tokens:
 
 - prefill: one forward pass over image + prompt (logits of the prompt);
 - TTFT: `generate` of one new token (image encoding, prefill, one token);
-- decode: `(time of N new tokens - time of 1) / (N - 1)`, ms per token;
+- decode: `(time of N new tokens - time of their first) / (N - 1)`, ms
+  per token. The first token is timed with room for N (a Keras `generate`
+  stopped by a stop token after it: Keras models prefill the text buffer,
+  ours up to its prompt bucket), so both timings prefill the same width;
+  from `generate` of one token, the extra prefill columns of the longer
+  buffer counted as decode (about 5 ms/token at batch 1 on B0, more at
+  batch 8);
 - peak RSS while the model generates, and its increase over the start;
 - compilations: traces of `generate_step` (0 where it runs eagerly),
   a one token shorter prompt included;
@@ -98,17 +104,18 @@ def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
     `before_repeat()`, if given, runs before each repeat. `probe()`, if
     given, returns the memory read rate now: it runs just before and just
     after each runner's decode timings, and the row keeps each repeat's
-    decode time (its generate time less the best time to first token)
-    with the faster of the two rates (`decode_samples`)."""
+    decode time (its generate time less the best time to the first of its
+    tokens, `first_token`) with the faster of the two rates
+    (`decode_samples`)."""
     images, prompts = random_inputs(backbone, batch, PROMPT_LENGTH, args.seed)
     # A one token shorter prompt, right-padded: shows any recompilation.
     other_images, shorter = random_inputs(
         backbone, batch, PROMPT_LENGTH - 1, args.seed + 1)
     shorter = np.pad(shorter, ((0, 0), (0, 1)))
     compilations = {r.name: r.compilations for r in runners}
-    best = {r.name: {"prefill": [], "ttft": [], "generate": [], "bandwidth": []}
-            for r in runners}
-    rss, tokens, logits = {}, {}, {}
+    best = {r.name: {key: [] for key in (
+        "prefill", "ttft", "first", "generate", "bandwidth")} for r in runners}
+    rss, tokens, logits, stop_traces = {}, {}, {}, {}
     for runner in runners:  # Warm up: compile every shape once.
         with PeakRss() as memory:
             logits[runner.name] = runner.prefill(images, prompts)
@@ -116,6 +123,12 @@ def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
             runner.generate(images, prompts, 1)
             tokens[runner.name] = runner.generate(images, prompts, args.new_tokens)
         rss[runner.name] = memory
+        # The stop-token `generate` is a compilation of the benchmark's own,
+        # not counted among the model's.
+        traces = runner.compilations
+        runner.first_token(
+            images, prompts, args.new_tokens, tokens[runner.name][:, 0])
+        stop_traces[runner.name] = runner.compilations - traces
     for _ in range(args.repeats):
         if before_repeat:
             before_repeat()
@@ -126,6 +139,8 @@ def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
             before = probe() if probe else None
             times["ttft"].append(seconds(
                 lambda: runner.generate(images, prompts, 1)))
+            times["first"].append(seconds(lambda: runner.first_token(
+                images, prompts, args.new_tokens, tokens[runner.name][:, 0])))
             times["generate"].append(seconds(
                 lambda: runner.generate(images, prompts, args.new_tokens)))
             if probe:
@@ -133,25 +148,28 @@ def run_batch(runners, backbone, batch, args, before_repeat=None, probe=None):
     rows = []
     for runner in runners:
         repeats = best[runner.name]
-        # Each repeat's N-token generate less the best time to the first
+        # Each repeat's N-token generate less the best time to its first
         # token: a repeat's own first-token time (a prefill: seconds, at
         # full depth) varied by more than the N - 1 steps took, which made
         # per-repeat differences meaningless, even negative.
-        decodes = [1e3 * (g - min(repeats["ttft"])) / (args.new_tokens - 1)
+        decodes = [1e3 * (g - min(repeats["first"])) / (args.new_tokens - 1)
                    for g in repeats["generate"]]
-        times = {key: min(repeats[key]) for key in ("prefill", "ttft", "generate")}
+        times = {key: min(repeats[key])
+                 for key in ("prefill", "ttft", "first", "generate")}
         memory = rss[runner.name]
         rows.append({
             "model": runner.name, "batch": batch,
             "prefill_ms": 1e3 * times["prefill"],
             "ttft_ms": 1e3 * times["ttft"],
-            "decode_ms_per_token": 1e3 * (times["generate"] - times["ttft"])
+            "first_of_new_tokens_ms": 1e3 * times["first"],
+            "decode_ms_per_token": 1e3 * (times["generate"] - times["first"])
             / (args.new_tokens - 1),
             "decode_samples": [list(pair) for pair in
                                zip(decodes, repeats["bandwidth"])],
             "peak_rss_mb": memory.peak / 2**20,
             "rss_increase_mb": (memory.peak - memory.before) / 2**20,
-            "compilations": runner.compilations - compilations[runner.name],
+            "compilations": runner.compilations - compilations[runner.name]
+            - stop_traces[runner.name],
             "tokens_equal_ours": bool(
                 np.array_equal(tokens[runner.name], tokens["ours"])),
             "token_agreement": float(

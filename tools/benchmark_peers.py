@@ -135,16 +135,25 @@ class KerasRunner:
         })
         return keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))
 
-    def generate(self, images, prompts, new_tokens):
+    def generate(self, images, prompts, new_tokens, stop_token_ids=None):
         batch, length = prompts.shape
         token_ids = np.zeros((batch, length + new_tokens), "int32")
         token_ids[:, :length] = prompts
         out = self.causal_lm.generate(
             {"images": images, "token_ids": token_ids,
              "padding_mask": token_ids != 0},
-            stop_token_ids=None,
+            stop_token_ids=stop_token_ids,
         )
         return np.asarray(out["token_ids"])[:, length:]
+
+    def first_token(self, images, prompts, new_tokens, first):
+        """`generate` with room for `new_tokens` that stops after the
+        first: `first` (each row's first greedy token) are its stop tokens.
+        A Keras `generate` prefills the whole buffer (ours: its prompt
+        bucket, up to the buffer), so this first token costs what the first
+        of `new_tokens` does, which `generate(..., 1)` does not."""
+        stop = tuple(sorted({int(token) for token in first}))
+        return self.generate(images, prompts, new_tokens, stop)
 
 
 class TransformersRunner:
@@ -183,3 +192,8 @@ class TransformersRunner:
                 eos_token_id=None, pad_token_id=0,
             )
         return out[:, inputs["input_ids"].shape[1]:].numpy()
+
+    def first_token(self, images, prompts, new_tokens, first):
+        """One new token: transformers prefills the prompt alone, whatever
+        `max_new_tokens` is, so the first of `new_tokens` costs this."""
+        return self.generate(images, prompts, 1)
