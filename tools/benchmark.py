@@ -14,8 +14,8 @@ greedy decoding without stop tokens:
   stopped by a stop token after it: Keras models prefill the text buffer,
   ours up to its prompt bucket), so both timings prefill the same width;
   from `generate` of one token, the extra prefill columns of the longer
-  buffer counted as decode (about 5 ms/token at batch 1 on B0, more at
-  batch 8);
+  buffer counted as decode (on B0, up to 8 ms/token at batch 1, 14-62 at
+  batch 8 in the runs of 2026-12-06);
 - peak RSS while the model generates, and its increase over the start;
 - compilations: traces of `generate_step` (0 where it runs eagerly),
   a one token shorter prompt included;
